@@ -1,0 +1,3 @@
+//! The orchestrator: a daemon and CLI that runs one jailed `vmm` per workload, leases IPs,
+//! injects manifests over vsock and uses snapshot/restore for hibernation. It reaches `vmm`
+//! only through its API socket and command line. Filled in by the "Orchestrator" issue.

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the guest side: the static guest-init binary, an initramfs (newc cpio) and an ext4
+# root filesystem image, both holding guest-init and Debian's static busybox.
+#
+# Outputs (all under target/guest/):
+#   guest-init        static PID 1 (gnu target, +crt-static)
+#   initramfs.cpio    /init = guest-init, /bin/busybox and its applet links, /dev/console
+#   rootfs.ext4       /sbin/init = guest-init, the same busybox; 64 MiB, made with
+#                     `mkfs.ext4 -d` (no root or loop device needed)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out="$repo/target/guest"
+mkdir -p "$out"
+busybox=/bin/busybox
+[[ -x $busybox ]] || { echo "build-images: $busybox missing; install busybox-static (scripts/setup.sh does)" >&2; exit 1; }
+
+echo "images: building static guest-init"
+( cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --quiet --release -p guest-init --target x86_64-unknown-linux-gnu )
+install -m 0755 "$repo/target/x86_64-unknown-linux-gnu/release/guest-init" "$out/guest-init"
+if readelf -d "$out/guest-init" | grep -q NEEDED; then
+    echo "build-images: guest-init is dynamically linked; it must be static" >&2
+    exit 1
+fi
+
+applets=$("$busybox" --list | grep -vx busybox)
+
+# --- initramfs ---------------------------------------------------------------------------
+spec="$out/initramfs.spec"
+{
+    echo "dir /dev 0755"
+    echo "nod /dev/console 0600 c 5 1"
+    for d in bin sbin proc sys tmp etc root; do echo "dir /$d 0755"; done
+    echo "file /init $out/guest-init 0755"
+    echo "file /bin/busybox $busybox 0755"
+    for a in $applets; do echo "slink /bin/$a busybox"; done
+} >"$spec"
+python3 "$repo/scripts/mkcpio.py" "$spec" "$out/initramfs.cpio"
+echo "images: $out/initramfs.cpio ($(du -h "$out/initramfs.cpio" | cut -f1))"
+
+# --- ext4 root ---------------------------------------------------------------------------
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root,mnt}
+install -m 0755 "$out/guest-init" "$root/sbin/init"
+install -m 0755 "$busybox" "$root/bin/busybox"
+for a in $applets; do ln -sf busybox "$root/bin/$a"; done
+echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
+echo "root:x:0:" >"$root/etc/group"
+rm -f "$out/rootfs.ext4.tmp"
+mkfs.ext4 -q -F -L rootfs -d "$root" "$out/rootfs.ext4.tmp" 64M
+mv "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"
+echo "images: $out/rootfs.ext4 (64 MiB)"
