@@ -4,3 +4,6 @@
 //! (block, rng, net, vsock), one folder per device. This crate depends on rust-vmm crates
 //! only, never on `vmm`: a device gets what it needs (guest memory, interrupt, bus) through
 //! its constructor.
+
+pub mod bus;
+pub mod legacy;

@@ -1,2 +1,8 @@
-//! The VMM: KVM VM, vCPUs, guest memory, kernel loading, device manager, event loop, API and
-//! snapshots. Filled in by the "vmm boots Linux" issue and those after it.
+//! The VMM: KVM VM, vCPUs, guest memory, kernel loading, legacy devices and the control
+//! loop. Devices live in the `devices` crate; this crate wires them to KVM.
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod runtime;
+pub mod vstate;

@@ -1,0 +1,361 @@
+//! The VM's configuration: from a JSON file shaped like Firecracker's `--config-file`
+//! (`boot-source`, `machine-config`; our own `console` and `boot_timer`), from command-line
+//! flags, or both (flags win). [`VmConfig::validate`] checks everything a user can get wrong
+//! before any KVM object exists, and names the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::layout::CMDLINE_MAX_SIZE;
+use crate::arch::mptable::MAX_CPUS;
+
+/// Command line used when none is given: serial console, reboot through the i8042 (which
+/// ends the VMM), and reboot at once on a panic so a broken guest never hangs.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Errors in a configuration, each naming the field or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid JSON of the expected shape.
+    #[error("config file {path}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, with the field and line.
+        msg: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Dotted field name, as in the JSON file.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// `boot-source`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// ELF vmlinux or bzImage.
+    pub kernel_image_path: PathBuf,
+    /// Optional initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// Kernel command line; [`DEFAULT_BOOT_ARGS`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// Backing for guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// Normal 4 KiB pages.
+    #[default]
+    None,
+    /// 2 MiB hugetlbfs pages (needs pages reserved in /proc/sys/vm/nr_hugepages).
+    #[serde(rename = "2M")]
+    Huge2M,
+}
+
+/// `machine-config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 254.
+    pub vcpu_count: u16,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Accepted for Firecracker compatibility; must be false (no SMT topology).
+    #[serde(default)]
+    pub smt: bool,
+    /// Guest memory page size.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// This process's stdout (and stdin as input when it is a terminal).
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl ConsoleTarget {
+    /// `stdout`, `none`, or anything else as a file path.
+    pub fn parse(s: &str) -> ConsoleTarget {
+        match s {
+            "stdout" => ConsoleTarget::Stdout,
+            "none" => ConsoleTarget::None,
+            path => ConsoleTarget::File(PathBuf::from(path)),
+        }
+    }
+}
+
+impl Serialize for ConsoleTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ConsoleTarget::Stdout => s.serialize_str("stdout"),
+            ConsoleTarget::None => s.serialize_str("none"),
+            ConsoleTarget::File(p) => s.serialize_str(&p.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ConsoleTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(ConsoleTarget::parse(&s))
+    }
+}
+
+/// The whole VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel, initrd, command line.
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine: MachineConfig,
+    /// Serial console output.
+    #[serde(default)]
+    pub console: ConsoleTarget,
+    /// Print the time from VMM start to guest-init's ready mark.
+    #[serde(default)]
+    pub boot_timer: bool,
+}
+
+impl VmConfig {
+    /// Reads a JSON config file.
+    pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// The command line the guest will get (before devices add theirs).
+    pub fn boot_args(&self) -> &str {
+        self.boot_source
+            .boot_args
+            .as_deref()
+            .unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+
+    /// Checks what can be checked without KVM: counts, sizes, and that files exist and are
+    /// readable. `host_mem_mib` is the host's RAM, the upper bound for guest memory.
+    pub fn validate(&self, host_mem_mib: u64) -> Result<(), ConfigError> {
+        let m = &self.machine;
+        if m.vcpu_count == 0 || m.vcpu_count > u16::from(MAX_CPUS) {
+            return Err(invalid(
+                "machine-config.vcpu_count",
+                format!("{} is out of range (1 to {MAX_CPUS})", m.vcpu_count),
+            ));
+        }
+        if m.smt {
+            return Err(invalid(
+                "machine-config.smt",
+                "SMT is not supported; set false",
+            ));
+        }
+        if m.mem_size_mib == 0 {
+            return Err(invalid("machine-config.mem_size_mib", "must be at least 1"));
+        }
+        if m.mem_size_mib > host_mem_mib {
+            return Err(invalid(
+                "machine-config.mem_size_mib",
+                format!(
+                    "{} MiB is more than this host's {host_mem_mib} MiB of RAM",
+                    m.mem_size_mib
+                ),
+            ));
+        }
+        let kernel = &self.boot_source.kernel_image_path;
+        if kernel.as_os_str().is_empty() {
+            return Err(invalid("boot-source.kernel_image_path", "no kernel given"));
+        }
+        check_readable("boot-source.kernel_image_path", kernel)?;
+        if let Some(initrd) = &self.boot_source.initrd_path {
+            check_readable("boot-source.initrd_path", initrd)?;
+        }
+        let args = self.boot_args();
+        if args.len() >= CMDLINE_MAX_SIZE {
+            return Err(invalid(
+                "boot-source.boot_args",
+                format!(
+                    "{} bytes; the kernel takes at most {}",
+                    args.len(),
+                    CMDLINE_MAX_SIZE - 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_readable(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(invalid(
+            field,
+            format!("{} is not a regular file", path.display()),
+        )),
+        Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The host's RAM in MiB, from /proc/meminfo.
+pub fn host_mem_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpfile(name: &str, body: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn valid() -> VmConfig {
+        VmConfig {
+            boot_source: BootSource {
+                kernel_image_path: tmpfile("kernel", b"k"),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn firecracker_shaped_file_parses() {
+        let kernel = tmpfile("k2", b"k");
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "2M"}},
+                "console": "none", "boot_timer": true}}"#,
+            kernel.display()
+        );
+        let p = tmpfile("vm.json", json.as_bytes());
+        let c = VmConfig::from_file(&p).unwrap();
+        assert_eq!(c.machine.vcpu_count, 2);
+        assert_eq!(c.machine.huge_pages, HugePages::Huge2M);
+        assert_eq!(c.console, ConsoleTarget::None);
+        assert!(c.boot_timer);
+        assert_eq!(c.boot_args(), "console=ttyS0");
+        c.validate(1024).unwrap();
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_named() {
+        let p = tmpfile(
+            "bad.json",
+            br#"{"boot-source": {"kernel_image_path": "/k", "bootargs": "x"}}"#,
+        );
+        let e = VmConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("bootargs") && e.contains("bad.json"), "{e}");
+        let p = tmpfile(
+            "bad2.json",
+            br#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "two", "mem_size_mib": 1}}"#,
+        );
+        let e = VmConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = VmConfig::from_file(Path::new("/nonexistent/vm.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/vm.json"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_field() {
+        type Mutation = fn(&mut VmConfig);
+        let cases: [(Mutation, &str); 7] = [
+            (|c| c.machine.vcpu_count = 0, "vcpu_count"),
+            (|c| c.machine.vcpu_count = 255, "vcpu_count"),
+            (|c| c.machine.mem_size_mib = 0, "mem_size_mib"),
+            (|c| c.machine.mem_size_mib = 1 << 40, "mem_size_mib"),
+            (
+                |c| c.boot_source.boot_args = Some("x".repeat(2048)),
+                "boot_args",
+            ),
+            (
+                |c| c.boot_source.initrd_path = Some("/nonexistent/initrd".into()),
+                "initrd_path",
+            ),
+            (
+                |c| c.boot_source.kernel_image_path = "/nonexistent/kernel".into(),
+                "kernel_image_path",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut c = valid();
+            mutate(&mut c);
+            let e = c.validate(4096).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        valid().validate(4096).unwrap();
+        let mut c = valid();
+        c.machine.vcpu_count = 254;
+        c.validate(4096).unwrap();
+    }
+
+    #[test]
+    fn directory_as_kernel_is_refused() {
+        let mut c = valid();
+        c.boot_source.kernel_image_path = std::env::temp_dir();
+        let e = c.validate(4096).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+}

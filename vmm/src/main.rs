@@ -1,0 +1,152 @@
+//! `vmm`: boots a Linux kernel on KVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+
+use vmm::config::{host_mem_mib, ConsoleTarget, HugePages, VmConfig};
+use vmm::runtime::{self, EndReason};
+
+/// Boots a Linux kernel directly on KVM: no firmware, no PCI, no ACPI.
+///
+/// The VM is described by flags, by a JSON file (--config, the shape of Firecracker's
+/// config file: "boot-source", "machine-config"), or both; flags override the file.
+/// The guest's serial console (ttyS0) goes to stdout by default.
+///
+/// The VMM exits when the guest reboots or powers off (status 0), when it gets SIGTERM,
+/// SIGINT or SIGHUP (it stops the guest; status 128+signal), or on a KVM or device fault
+/// (status 1, with the reason on stderr). guest-init reports its command's exit status on
+/// the status port; --exit-with-guest-status makes it the VMM's own status.
+///
+/// Example:
+///   vmm --kernel vmlinux --initrd initramfs.cpio --vcpus 2 --memory-mib 256 \
+///       --cmdline "console=ttyS0 reboot=k panic=-1 gi.cmd=\"busybox uname -a\""
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, verbatim_doc_comment)]
+struct Cli {
+    /// Kernel: an ELF vmlinux (booted through its PVH entry when it has one) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initramfs (newc cpio, optionally compressed) loaded for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"]. At most 2047
+    /// bytes including what the VMM appends (gi.statusport=0x440).
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+
+    /// Number of vCPUs, 1 to 254 [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u16>,
+
+    /// Guest RAM in MiB [default: 128]. Above 3072 MiB, RAM continues above the 4 GiB line
+    /// (the 3-4 GiB hole holds device MMIO).
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+
+    /// Back guest RAM with 2 MiB huge pages (needs pages in /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
+
+    /// Serial console output: "stdout", "none", or a file path (appended).
+    #[arg(long, value_name = "stdout|none|PATH")]
+    console: Option<String>,
+
+    /// JSON file describing the whole VM (see README, "vmm config file").
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print the time from VMM start to guest-init's ready mark on stderr.
+    #[arg(long)]
+    boot_timer: bool,
+
+    /// Exit with the guest command's exit status (reported by guest-init on the status
+    /// port) instead of 0 when the guest ends normally.
+    #[arg(long)]
+    exit_with_guest_status: bool,
+}
+
+fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
+    let mut cfg = match &cli.config {
+        Some(path) => VmConfig::from_file(path)?,
+        None => VmConfig::default(),
+    };
+    if let Some(k) = &cli.kernel {
+        cfg.boot_source.kernel_image_path = k.clone();
+    }
+    if let Some(i) = &cli.initrd {
+        cfg.boot_source.initrd_path = Some(i.clone());
+    }
+    if let Some(c) = &cli.cmdline {
+        cfg.boot_source.boot_args = Some(c.clone());
+    }
+    if let Some(v) = cli.vcpus {
+        cfg.machine.vcpu_count = v;
+    }
+    if let Some(m) = cli.memory_mib {
+        cfg.machine.mem_size_mib = m;
+    }
+    if cli.hugepages {
+        cfg.machine.huge_pages = HugePages::Huge2M;
+    }
+    if let Some(c) = &cli.console {
+        cfg.console = ConsoleTarget::parse(c);
+    }
+    cfg.boot_timer |= cli.boot_timer;
+    if cfg.boot_source.kernel_image_path.as_os_str().is_empty() {
+        anyhow::bail!("no kernel given: pass --kernel PATH or a --config file with boot-source.kernel_image_path");
+    }
+    cfg.validate(host_mem_mib())?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    let result = build_config(&cli).and_then(|cfg| {
+        runtime::run(&cfg, start).with_context(|| {
+            format!(
+                "VM with kernel {}",
+                cfg.boot_source.kernel_image_path.display()
+            )
+        })
+    });
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let guest = outcome
+        .guest_status
+        .map(|s| format!(", guest exit status {s}"))
+        .unwrap_or_default();
+    match outcome.reason {
+        EndReason::GuestReset | EndReason::GuestShutdown => {
+            eprintln!("vmm: guest ended{guest}");
+            if cli.exit_with_guest_status {
+                ExitCode::from(outcome.guest_status.unwrap_or(0))
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        EndReason::GuestCrash => {
+            eprintln!("vmm: error: guest kernel crashed{guest}");
+            ExitCode::from(1)
+        }
+        EndReason::Signal(sig) => {
+            eprintln!("vmm: stopped by signal {sig}{guest}");
+            ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
+        }
+        EndReason::VcpuFailed(msg) => {
+            eprintln!("vmm: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
