@@ -24,12 +24,12 @@ step "host tests (unit + tiny-guest KVM)"
 cargo test --workspace
 
 step "real-guest tests inside the KVM test host"
-# Integration-test binaries of the `tests` crate hold the real-guest tests.
-bins=$(cargo test -p tests --tests --no-run --message-format=json 2>/dev/null | python3 -c '
+# Real-guest tests are the ignored tests of the workspace's integration-test binaries.
+bins=$(cargo test --workspace --tests --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["executable"])
 ')
 [[ -n $bins ]] || { echo "test: no real-guest test binaries found" >&2; exit 1; }
