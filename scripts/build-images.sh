@@ -48,6 +48,6 @@ for a in $applets; do ln -sf busybox "$root/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
 echo "root:x:0:" >"$root/etc/group"
 rm -f "$out/rootfs.ext4.tmp"
-mkfs.ext4 -q -F -L rootfs -d "$root" "$out/rootfs.ext4.tmp" 64M
+mkfs.ext4 -q -F -L rootfs -d "$root" "$out/rootfs.ext4.tmp" 64M >/dev/null
 mv "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"
 echo "images: $out/rootfs.ext4 (64 MiB)"

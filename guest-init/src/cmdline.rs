@@ -195,6 +195,15 @@ fn parse_port(value: &str) -> Option<u16> {
     }
 }
 
+/// Finds `gi.statusport=` even in a command line that [`parse`] rejects, so guest-init can
+/// still report its own failure to the VMM. Best effort: plain whitespace splitting.
+pub fn status_port_only(text: &str) -> Option<u16> {
+    text.split_whitespace()
+        .filter_map(|p| p.strip_prefix("gi.statusport="))
+        .filter_map(parse_port)
+        .next_back()
+}
+
 /// Parses guest-init's parameters out of the whole kernel command line. Parameters that do
 /// not start with `gi.` belong to the kernel and are ignored; the last occurrence of a
 /// repeated `gi.` parameter wins, as with the kernel's own parameters.
@@ -352,6 +361,15 @@ mod tests {
             assert!(e.to_string().contains("gi.statusport"), "{bad}: {e}");
         }
         assert_eq!(parse("gi.statusport=1088").unwrap().status_port, Some(1088));
+    }
+
+    #[test]
+    fn status_port_is_found_in_a_rejected_cmdline() {
+        let text = r#"gi.cmd="sh -c 'exit" gi.statusport=0x440"#;
+        assert!(parse(text).is_err());
+        assert_eq!(status_port_only(text), Some(0x440));
+        assert_eq!(status_port_only("gi.statusport=nope"), None);
+        assert_eq!(status_port_only(""), None);
     }
 
     #[test]

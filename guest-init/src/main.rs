@@ -155,7 +155,8 @@ fn main() {
         Ok(p) => p,
         Err(e) => {
             say!("error: {e}");
-            finish(Params::default().end, None, 1);
+            let port = cmdline::status_port_only(&text).and_then(|p| sys::StatusPort::open(p).ok());
+            finish(Params::default().end, port.as_ref(), 1);
         }
     };
     let port = match params.status_port.map(sys::StatusPort::open) {

@@ -124,10 +124,20 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> RunOutput {
             Err(_) => break None,
         }
     };
+    // A grandchild that inherited the pipes could keep them open after the child is gone;
+    // never wait for the readers longer than a few seconds past the child's end.
     let mut output = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
     for r in readers {
-        let bytes = r.join().unwrap_or_default();
-        output.push_str(&String::from_utf8_lossy(&bytes).replace('\r', ""));
+        while !r.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if r.is_finished() {
+            let bytes = r.join().unwrap_or_default();
+            output.push_str(&String::from_utf8_lossy(&bytes).replace('\r', ""));
+        } else {
+            output.push_str("\n[output pipe still open after the process ended; not read]\n");
+        }
     }
     RunOutput {
         code: status.and_then(|s| s.code()),

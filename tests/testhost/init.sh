@@ -27,6 +27,8 @@ busybox mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 busybox mount -t tmpfs tmpfs /host/run
 busybox mount -t tmpfs tmpfs /host/var/tmp
 busybox chroot /host /sbin/modprobe kvm_amd || fail "modprobe kvm_amd failed"
+# Entropy for the test host itself, so nothing in it waits on getrandom().
+busybox chroot /host /sbin/modprobe virtio_rng 2>/dev/null
 busybox chroot /host /bin/sh -c "ip link set lo up" 2>/dev/null
 echo TESTHOST-BEGIN
 busybox chroot /host /usr/bin/env -i HOME=/root PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -203,3 +203,40 @@ fn sigterm_stops_the_guest_and_the_vmm() {
 fn nix_pid(child: &std::process::Child) -> libc::pid_t {
     libc::pid_t::try_from(child.id()).unwrap()
 }
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn guest_init_reports_a_missing_command_as_127() {
+    let out = boot(&Artifacts::get().vmlinux, 1, 128, "/no/such/program", &[]);
+    assert!(
+        out.output.contains("guest-init: error: cannot run"),
+        "{}",
+        out.output
+    );
+    assert_eq!(guest_exit_status(&out.output), Some(127), "{}", out.output);
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn guest_init_reports_a_bad_cmdline_and_still_ends_the_vm() {
+    // Unterminated single quote: guest-init must say so and end the VM with status 1.
+    let out = boot(
+        &Artifacts::get().vmlinux,
+        1,
+        128,
+        "sh -c 'exit 3",
+        &["--exit-with-guest-status"],
+    );
+    assert!(
+        out.output
+            .contains("guest-init: error: gi.cmd: unterminated"),
+        "{}",
+        out.output
+    );
+    assert_eq!(guest_exit_status(&out.output), Some(1), "{}", out.output);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "status port carries guest-init's own error status"
+    );
+}
