@@ -16,7 +16,6 @@ for arg in $(busybox cat /proc/cmdline); do
 done
 opts=trans=virtio,version=9p2000.L,msize=512000
 busybox mount -t 9p -o "$opts,ro,cache=loose" hostroot /host || fail "mounting the host root over 9p failed"
-busybox mount -t 9p -o "$opts" repo "/host$repo" || fail "mounting the repository over 9p failed"
 busybox mount -t proc proc /host/proc
 busybox mount -t sysfs sysfs /host/sys
 busybox mount -t devtmpfs devtmpfs /host/dev
@@ -26,6 +25,9 @@ busybox mount -t tmpfs tmpfs /host/dev/shm
 busybox mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 busybox mount -t tmpfs tmpfs /host/run
 busybox mount -t tmpfs tmpfs /host/var/tmp
+# The repository last: it may live under one of the tmpfs mounts above (a clone in /tmp).
+busybox mkdir -p "/host$repo" 2>/dev/null
+busybox mount -t 9p -o "$opts" repo "/host$repo" || fail "mounting the repository over 9p failed"
 busybox chroot /host /sbin/modprobe kvm_amd || fail "modprobe kvm_amd failed"
 # Entropy for the test host itself, so nothing in it waits on getrandom().
 busybox chroot /host /sbin/modprobe virtio_rng 2>/dev/null
