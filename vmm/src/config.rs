@@ -143,8 +143,70 @@ impl<'de> Deserialize<'de> for ConsoleTarget {
     }
 }
 
+/// One entry of `drives`: a virtio-blk disk backed by a raw file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Identifier; also the serial the guest reads (`/sys/block/vdX/serial`, GET_ID).
+    pub drive_id: String,
+    /// Raw disk image.
+    pub path_on_host: PathBuf,
+    /// Mount it as the root filesystem (`root=/dev/vda`); it becomes the first disk.
+    #[serde(default)]
+    pub is_root_device: bool,
+    /// The guest cannot write to it.
+    #[serde(default)]
+    pub is_read_only: bool,
+}
+
+/// Longest drive id: virtio-blk's GET_ID answer is 20 bytes.
+pub const MAX_DRIVE_ID_LEN: usize = 20;
+/// Interrupt lines for virtio devices: IOAPIC pins 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+impl DriveConfig {
+    /// Parses the `--drive` flag: `path=PATH,id=ID[,readonly=BOOL][,root=BOOL]`.
+    pub fn parse_flag(text: &str) -> Result<DriveConfig, ConfigError> {
+        let mut d = DriveConfig::default();
+        let mut have_path = false;
+        for part in text.split(',') {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let flag = |v: &str| match v {
+                "true" | "on" | "yes" | "1" | "" => Ok(true),
+                "false" | "off" | "no" | "0" => Ok(false),
+                other => Err(invalid(
+                    "--drive",
+                    format!("{k}={other}: expected true or false"),
+                )),
+            };
+            match k {
+                "path" => {
+                    d.path_on_host = PathBuf::from(v);
+                    have_path = true;
+                }
+                "id" => d.drive_id = v.to_string(),
+                "readonly" | "ro" => d.is_read_only = flag(v)?,
+                "root" => d.is_root_device = flag(v)?,
+                other => {
+                    return Err(invalid(
+                        "--drive",
+                        format!("unknown key {other:?} (keys: path, id, readonly, root)"),
+                    ))
+                }
+            }
+        }
+        if !have_path || d.path_on_host.as_os_str().is_empty() {
+            return Err(invalid("--drive", "path= is required"));
+        }
+        if d.drive_id.is_empty() {
+            return Err(invalid("--drive", "id= is required"));
+        }
+        Ok(d)
+    }
+}
+
 /// The whole VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel, initrd, command line.
@@ -159,6 +221,29 @@ pub struct VmConfig {
     /// Print the time from VMM start to guest-init's ready mark.
     #[serde(default)]
     pub boot_timer: bool,
+    /// virtio-blk disks, in the order the guest sees them (the root device first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveConfig>,
+    /// Attach a virtio-rng device (default on) so the guest never waits for entropy.
+    #[serde(default = "default_true")]
+    pub entropy: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            boot_source: BootSource::default(),
+            machine: MachineConfig::default(),
+            console: ConsoleTarget::default(),
+            boot_timer: false,
+            drives: Vec::new(),
+            entropy: true,
+        }
+    }
 }
 
 impl VmConfig {
@@ -218,6 +303,7 @@ impl VmConfig {
         if let Some(initrd) = &self.boot_source.initrd_path {
             check_readable("boot-source.initrd_path", initrd)?;
         }
+        self.validate_drives()?;
         let args = self.boot_args();
         if args.len() >= CMDLINE_MAX_SIZE {
             return Err(invalid(
@@ -230,6 +316,70 @@ impl VmConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_drives(&self) -> Result<(), ConfigError> {
+        let devices = self.drives.len() + usize::from(self.entropy);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "drives",
+                format!("{devices} virtio devices; at most {MAX_VIRTIO_DEVICES} fit"),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut roots = 0;
+        for d in &self.drives {
+            if d.drive_id.is_empty() || d.drive_id.len() > MAX_DRIVE_ID_LEN {
+                return Err(invalid(
+                    "drives.drive_id",
+                    format!("{:?} must be 1 to {MAX_DRIVE_ID_LEN} bytes", d.drive_id),
+                ));
+            }
+            if !d.drive_id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "drives.drive_id",
+                    format!("{:?} must be printable ASCII without spaces", d.drive_id),
+                ));
+            }
+            if !ids.insert(d.drive_id.as_str()) {
+                return Err(invalid(
+                    "drives.drive_id",
+                    format!("{:?} is used twice", d.drive_id),
+                ));
+            }
+            roots += usize::from(d.is_root_device);
+            check_readable("drives.path_on_host", &d.path_on_host)?;
+            if !d.is_read_only {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&d.path_on_host)
+                    .map_err(|e| {
+                        invalid(
+                            "drives.path_on_host",
+                            format!(
+                                "{} is not writable ({e}); set is_read_only",
+                                d.path_on_host.display()
+                            ),
+                        )
+                    })?;
+            }
+        }
+        if roots > 1 {
+            return Err(invalid(
+                "drives.is_root_device",
+                "more than one root device",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Drives in the order they are attached: the root device first, so it is /dev/vda.
+    pub fn ordered_drives(&self) -> Vec<&DriveConfig> {
+        let mut v: Vec<&DriveConfig> = self.drives.iter().collect();
+        v.sort_by_key(|d| !d.is_root_device);
+        v
     }
 }
 
@@ -349,6 +499,60 @@ mod tests {
         let mut c = valid();
         c.machine.vcpu_count = 254;
         c.validate(4096).unwrap();
+    }
+
+    #[test]
+    fn drive_flag_parsing() {
+        let d = DriveConfig::parse_flag("path=/img,id=root,readonly=true,root=on").unwrap();
+        assert_eq!(d.path_on_host, PathBuf::from("/img"));
+        assert_eq!(d.drive_id, "root");
+        assert!(d.is_read_only && d.is_root_device);
+        for (bad, needle) in [
+            ("id=x", "path= is required"),
+            ("path=/img", "id= is required"),
+            ("path=/img,id=x,readonly=maybe", "readonly=maybe"),
+            ("path=/img,id=x,colour=red", "unknown key"),
+        ] {
+            let e = DriveConfig::parse_flag(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn drive_validation() {
+        let img = tmpfile("disk.img", &[0; 4096]);
+        let drive = |id: &str, root: bool| DriveConfig {
+            drive_id: id.into(),
+            path_on_host: img.clone(),
+            is_root_device: root,
+            is_read_only: false,
+        };
+        let mut c = valid();
+        c.drives = vec![drive("data", false), drive("root", true)];
+        c.validate(4096).unwrap();
+        assert_eq!(c.ordered_drives()[0].drive_id, "root");
+        for (drives, needle) in [
+            (
+                vec![drive("a", true), drive("b", true)],
+                "more than one root",
+            ),
+            (vec![drive("a", false), drive("a", false)], "used twice"),
+            (vec![drive(&"x".repeat(21), false)], "1 to 20 bytes"),
+            (vec![drive("has space", false)], "printable"),
+            (vec![drive("a", false); 19], "virtio devices"),
+        ] {
+            let mut c = valid();
+            c.drives = drives;
+            let e = c.validate(4096).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let mut c = valid();
+        c.drives = vec![DriveConfig {
+            path_on_host: "/nonexistent/disk".into(),
+            ..drive("a", false)
+        }];
+        let e = c.validate(4096).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/disk"), "{e}");
     }
 
     #[test]

@@ -4,5 +4,6 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod device_manager;
 pub mod runtime;
 pub mod vstate;

@@ -57,6 +57,17 @@ struct Cli {
     #[arg(long, value_name = "stdout|none|PATH")]
     console: Option<String>,
 
+    /// A virtio-blk disk backed by a raw image; repeat for more disks. The id is also the
+    /// serial the guest reads in /sys/block/vdX/serial (at most 20 bytes). root=true makes
+    /// it /dev/vda and appends "root=/dev/vda rw" (or "ro") to the command line.
+    #[arg(long, value_name = "path=PATH,id=ID[,readonly=BOOL][,root=BOOL]")]
+    drive: Vec<String>,
+
+    /// Do not attach the virtio-rng device (attached by default so the guest never waits
+    /// for entropy).
+    #[arg(long)]
+    no_rng: bool,
+
     /// JSON file describing the whole VM (see README, "vmm config file").
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -98,6 +109,12 @@ fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
         cfg.console = ConsoleTarget::parse(c);
     }
     cfg.boot_timer |= cli.boot_timer;
+    for d in &cli.drive {
+        cfg.drives.push(vmm::config::DriveConfig::parse_flag(d)?);
+    }
+    if cli.no_rng {
+        cfg.entropy = false;
+    }
     if cfg.boot_source.kernel_image_path.as_os_str().is_empty() {
         anyhow::bail!("no kernel given: pass --kernel PATH or a --config file with boot-source.kernel_image_path");
     }

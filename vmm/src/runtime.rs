@@ -18,6 +18,8 @@ use devices::legacy::{
     ConsoleOutput, SerialConsole, StatusEvent, StatusPort, I8042, SERIAL_PORT_BASE,
     SERIAL_PORT_LEN, STATUS_PORT_BASE, STATUS_PORT_LEN,
 };
+use devices::virtio::block::Block;
+use devices::virtio::rng::Rng;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
@@ -29,6 +31,7 @@ use crate::arch::layout::{ram_regions, MPTABLE_ADDR};
 use crate::arch::mptable;
 use crate::boot::{self, append_cmdline, make_cmdline};
 use crate::config::{ConsoleTarget, HugePages, VmConfig};
+use crate::device_manager::{DeviceManager, EventLoop};
 use crate::vstate::vcpu::{Vcpu, VcpuExitReason, VcpuIo};
 use crate::vstate::vm::Vm;
 
@@ -66,6 +69,18 @@ pub enum VmmError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Device(#[from] crate::device_manager::DeviceManagerError),
+    /// A drive's backing file cannot be used.
+    #[error("drive {id}")]
+    Drive {
+        /// The drive id.
+        id: String,
+        /// The error.
+        #[source]
+        source: devices::virtio::block::BlockError,
     },
     /// Another host resource (eventfd, signalfd, thread, epoll) failed.
     #[error("{0}")]
@@ -284,11 +299,48 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         })
         .map_err(bus_err)?;
 
+    let mut em: EventLoop = EventManager::new().map_err(host("epoll"))?;
     let mut cmdline = make_cmdline(cfg.boot_args())?;
     append_cmdline(
         &mut cmdline,
         &format!("gi.statusport={STATUS_PORT_BASE:#x}"),
     )?;
+    let mut dm = DeviceManager::new();
+    for drive in cfg.ordered_drives() {
+        let blk = Block::new(
+            &drive.path_on_host,
+            drive.is_read_only,
+            Some(drive.drive_id.clone()),
+        )
+        .map_err(|source| VmmError::Drive {
+            id: drive.drive_id.clone(),
+            source,
+        })?;
+        let name = format!("block:{}", drive.drive_id);
+        dm.attach(
+            &vm,
+            &mem,
+            &mut cmdline,
+            &mut em,
+            Arc::new(Mutex::new(blk)),
+            &name,
+        )?;
+        if drive.is_root_device {
+            let mode = if drive.is_read_only { "ro" } else { "rw" };
+            append_cmdline(&mut cmdline, &format!("root=/dev/vda {mode}"))?;
+        }
+    }
+    if cfg.entropy {
+        let rng = Rng::new().map_err(host("virtio-rng"))?;
+        dm.attach(
+            &vm,
+            &mem,
+            &mut cmdline,
+            &mut em,
+            Arc::new(Mutex::new(rng)),
+            "rng",
+        )?;
+    }
     let mem_bytes = cfg.machine.mem_size_mib << 20;
     let entry = boot::load(
         &mem,
@@ -313,7 +365,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
 
     let io = VcpuIo {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(std::mem::take(&mut dm.mmio)),
         stop: Arc::new(AtomicBool::new(false)),
     };
     let (tx, rx) = channel();
@@ -340,8 +392,6 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
         vcpu_rx: rx,
         end: None,
     }));
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(host("epoll"))?;
     em.add_subscriber(control.clone());
     let reason = loop {
         em.run().map_err(host("event loop"))?;

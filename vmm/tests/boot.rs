@@ -1,50 +1,29 @@
 //! Real-guest boot tests: `vmm` boots the project's kernel and guest-init on a genuine KVM
 //! (inside the KVM test host; ignored elsewhere, see tests/src/lib.rs).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{
-    guest_exit_status, guest_ready, require_genuine_kvm, run_with_timeout, Artifacts, RunOutput,
-};
-
-const TIMEOUT: Duration = Duration::from_secs(180);
+use common::Guest;
+use tests::{guest_exit_status, guest_ready, require_genuine_kvm, Artifacts, RunOutput};
 
 /// Boots `kernel` with the initramfs and runs `gi_cmd` (no double quotes inside).
 fn boot(kernel: &Path, vcpus: u32, mem_mib: u64, gi_cmd: &str, extra: &[&str]) -> RunOutput {
-    require_genuine_kvm();
-    let a = Artifacts::get();
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
-    if !gi_cmd.is_empty() {
-        cmdline.push_str(&format!(" gi.cmd=\"{gi_cmd}\""));
-    }
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(&a.initramfs)
-        .args(["--vcpus", &vcpus.to_string()])
-        .args(["--memory-mib", &mem_mib.to_string()])
-        .args(["--cmdline", &cmdline])
-        .args(extra);
-    let out = run_with_timeout(&mut cmd, TIMEOUT);
-    assert!(
-        !out.timed_out,
-        "VM did not finish in {TIMEOUT:?}:\n{}",
-        out.output
-    );
-    assert!(!out.output.contains("panicked"), "{}", out.output);
-    out
+    Guest::new()
+        .kernel(kernel)
+        .machine(vcpus, mem_mib)
+        .cmd(gi_cmd)
+        .args(extra)
+        .run()
 }
 
-/// The value printed by the guest as `KEY=value`.
 fn guest_value(out: &RunOutput, key: &str) -> u64 {
-    let prefix = format!("{key}=");
-    out.output
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("guest printed no {key}=:\n{}", out.output))
+    let v = common::guest_value(out, key);
+    v.parse()
+        .unwrap_or_else(|_| panic!("{key}={v} is not a number:\n{}", out.output))
 }
 
 const FACTS: &str = "busybox sh -c 'echo CPUS=$(grep -c ^processor /proc/cpuinfo); echo MEMKB=$(grep MemTotal /proc/meminfo | tr -s \\  | cut -d\\  -f2)'";
