@@ -14,6 +14,7 @@ const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Bits needed to number `n` things (0 for 1).
@@ -25,7 +26,7 @@ fn bits_for(n: u32) -> u32 {
     }
 }
 
-fn normalise_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8) {
+fn normalise_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8, tsc_deadline: bool) {
     let id = u32::from(cpu);
     let n = u32::from(count);
     match e.function {
@@ -33,6 +34,13 @@ fn normalise_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8) {
             // EBX: APIC ID [31:24], logical processors per package [23:16], CLFLUSH 8*8.
             e.ebx = (id << 24) | (n << 16) | (8 << 8);
             e.ecx |= ECX_HYPERVISOR;
+            // KVM leaves TSC-deadline out of its supported set; userspace adds it when the
+            // in-kernel LAPIC can emulate it (KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux
+            // calibrates the LAPIC timer against the PIT at boot, which in a nested setup
+            // takes ~0.3 s and can fail ("APIC timer disabled due to verification failure").
+            if tsc_deadline {
+                e.ecx |= ECX_TSC_DEADLINE;
+            }
             if n > 1 {
                 e.edx |= EDX_HTT;
             } else {
@@ -91,11 +99,12 @@ fn normalise_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8) {
     }
 }
 
-/// The CPUID table for vCPU `cpu` of `count`.
-pub fn for_vcpu(supported: &CpuId, cpu: u8, count: u8) -> CpuId {
+/// The CPUID table for vCPU `cpu` of `count`; `tsc_deadline` when KVM emulates the
+/// LAPIC's TSC-deadline mode.
+pub fn for_vcpu(supported: &CpuId, cpu: u8, count: u8, tsc_deadline: bool) -> CpuId {
     let mut c = supported.clone();
     for e in c.as_mut_slice() {
-        normalise_entry(e, cpu, count);
+        normalise_entry(e, cpu, count, tsc_deadline);
     }
     c
 }
@@ -132,12 +141,13 @@ mod tests {
             entry(LEAF_AMD_SIZES, 0),
         ])
         .unwrap();
-        let c = for_vcpu(&supported, 3, 4);
+        let c = for_vcpu(&supported, 3, 4, true);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3, "APIC ID");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical count");
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
         assert_ne!(e[0].edx & EDX_HTT, 0);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!((e[1].ebx, e[1].edx, e[1].ecx >> 8), (1, 3, 1));
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 4, 2));
         assert_eq!(
@@ -148,7 +158,8 @@ mod tests {
         assert_eq!((e[4].eax, e[4].ebx), (0, 0), "no PMU");
         assert_eq!(e[5].ecx & 0xff, 3);
         // One vCPU: no HTT.
-        let one = for_vcpu(&supported, 0, 1);
+        let one = for_vcpu(&supported, 0, 1, false);
         assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
+        assert_eq!(one.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
     }
 }

@@ -127,7 +127,7 @@ impl Vcpu {
         count: u8,
         boot: Option<(&GuestMemoryMmap, BootEntry)>,
     ) -> Result<(), VcpuError> {
-        let cpuid = cpuid::for_vcpu(&vm.supported_cpuid, self.id, count);
+        let cpuid = cpuid::for_vcpu(&vm.supported_cpuid, self.id, count, vm.tsc_deadline);
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.ioctl("KVM_SET_CPUID2"))?;

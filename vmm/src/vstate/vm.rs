@@ -44,6 +44,8 @@ pub struct Vm {
     pub supported_cpuid: CpuId,
     /// Whether the in-kernel irqchip and PIT were created.
     pub has_irqchip: bool,
+    /// KVM emulates the LAPIC's TSC-deadline timer (needs the in-kernel irqchip).
+    pub tsc_deadline: bool,
 }
 
 impl Vm {
@@ -73,6 +75,7 @@ impl Vm {
             fd,
             supported_cpuid,
             has_irqchip: irqchip,
+            tsc_deadline: irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
         };
         if irqchip {
             vm.create_irqchip()?;
