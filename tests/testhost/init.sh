@@ -31,6 +31,8 @@ busybox mount -t 9p -o "$opts" repo "/host$repo" || fail "mounting the repositor
 busybox chroot /host /sbin/modprobe kvm_amd || fail "modprobe kvm_amd failed"
 # Entropy for the test host itself, so nothing in it waits on getrandom().
 busybox chroot /host /sbin/modprobe virtio_rng 2>/dev/null
+# Networking the tests build: taps, veth pairs, bridges.
+for m in tun veth bridge; do busybox chroot /host /sbin/modprobe "$m" || fail "modprobe $m failed"; done
 busybox chroot /host /bin/sh -c "ip link set lo up" 2>/dev/null
 echo TESTHOST-BEGIN
 busybox chroot /host /usr/bin/env -i HOME=/root PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

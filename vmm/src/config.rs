@@ -205,6 +205,130 @@ impl DriveConfig {
     }
 }
 
+/// One entry of `network-interfaces`: a virtio-net device on a host tap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Identifier (for the API and logs).
+    pub iface_id: String,
+    /// Name of an existing tap device on the host.
+    pub host_dev_name: String,
+    /// Guest MAC as `aa:bb:cc:dd:ee:ff`; a random locally administered one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU offered to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+}
+
+impl NetConfig {
+    /// Parses `--net tap=NAME[,mac=MAC][,mtu=N][,id=ID]`.
+    pub fn parse_flag(text: &str) -> Result<NetConfig, ConfigError> {
+        let mut n = NetConfig::default();
+        for part in text.split(',') {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            match k {
+                "tap" => n.host_dev_name = v.to_string(),
+                "mac" => n.guest_mac = Some(v.to_string()),
+                "mtu" => {
+                    n.mtu = Some(v.parse().map_err(|_| {
+                        invalid("--net", format!("mtu={v}: expected a number 68 to 65535"))
+                    })?)
+                }
+                "id" => n.iface_id = v.to_string(),
+                other => {
+                    return Err(invalid(
+                        "--net",
+                        format!("unknown key {other:?} (keys: tap, mac, mtu, id)"),
+                    ))
+                }
+            }
+        }
+        if n.host_dev_name.is_empty() {
+            return Err(invalid("--net", "tap= is required"));
+        }
+        if n.iface_id.is_empty() {
+            n.iface_id = n.host_dev_name.clone();
+        }
+        Ok(n)
+    }
+
+    /// The MAC as bytes, if one was given.
+    pub fn mac_bytes(&self) -> Result<Option<[u8; 6]>, ConfigError> {
+        let Some(text) = &self.guest_mac else {
+            return Ok(None);
+        };
+        let bad = || {
+            invalid(
+                "network-interfaces.guest_mac",
+                format!("{text:?} is not a MAC like 06:00:ac:10:00:02"),
+            )
+        };
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if mac[0] & 1 == 1 {
+            return Err(invalid(
+                "network-interfaces.guest_mac",
+                format!("{text} is a multicast address"),
+            ));
+        }
+        Ok(Some(mac))
+    }
+}
+
+/// `vsock`: a virtio-vsock device whose host side is a unix socket (Firecracker's hybrid
+/// vsock).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Accepted for Firecracker compatibility.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context id, 3 or more.
+    pub guest_cid: u64,
+    /// Unix socket the host connects to (`CONNECT <port>`); guest connections to host
+    /// port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses `--vsock cid=N,uds=PATH`.
+    pub fn parse_flag(text: &str) -> Result<VsockConfig, ConfigError> {
+        let mut v = VsockConfig::default();
+        for part in text.split(',') {
+            let (k, val) = part.split_once('=').unwrap_or((part, ""));
+            match k {
+                "cid" => {
+                    v.guest_cid = val
+                        .parse()
+                        .map_err(|_| invalid("--vsock", format!("cid={val}: expected a number")))?
+                }
+                "uds" => v.uds_path = PathBuf::from(val),
+                other => {
+                    return Err(invalid(
+                        "--vsock",
+                        format!("unknown key {other:?} (keys: cid, uds)"),
+                    ))
+                }
+            }
+        }
+        if v.uds_path.as_os_str().is_empty() {
+            return Err(invalid("--vsock", "uds= is required"));
+        }
+        Ok(v)
+    }
+}
+
 /// The whole VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,6 +351,16 @@ pub struct VmConfig {
     /// Attach a virtio-rng device (default on) so the guest never waits for entropy.
     #[serde(default = "default_true")]
     pub entropy: bool,
+    /// virtio-net devices.
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub net: Vec<NetConfig>,
+    /// The virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_true() -> bool {
@@ -242,6 +376,8 @@ impl Default for VmConfig {
             boot_timer: false,
             drives: Vec::new(),
             entropy: true,
+            net: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -321,7 +457,10 @@ impl VmConfig {
 
 impl VmConfig {
     fn validate_drives(&self) -> Result<(), ConfigError> {
-        let devices = self.drives.len() + usize::from(self.entropy);
+        let devices = self.drives.len()
+            + usize::from(self.entropy)
+            + self.net.len()
+            + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "drives",
@@ -371,6 +510,48 @@ impl VmConfig {
                 "drives.is_root_device",
                 "more than one root device",
             ));
+        }
+        self.validate_net_and_vsock()
+    }
+
+    fn validate_net_and_vsock(&self) -> Result<(), ConfigError> {
+        let mut ifaces = std::collections::HashSet::new();
+        for n in &self.net {
+            if !ifaces.insert(n.iface_id.as_str()) {
+                return Err(invalid(
+                    "network-interfaces.iface_id",
+                    format!("{:?} is used twice", n.iface_id),
+                ));
+            }
+            if n.host_dev_name.is_empty() || n.host_dev_name.len() > 15 {
+                return Err(invalid(
+                    "network-interfaces.host_dev_name",
+                    format!(
+                        "{:?} must be 1 to 15 bytes (a Linux interface name)",
+                        n.host_dev_name
+                    ),
+                ));
+            }
+            n.mac_bytes()?;
+            if let Some(mtu) = n.mtu {
+                if mtu < 68 {
+                    return Err(invalid(
+                        "network-interfaces.mtu",
+                        format!("{mtu} is below 68"),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(invalid(
+                    "vsock.guest_cid",
+                    format!("{} is reserved or too large (3 to 4294967295)", v.guest_cid),
+                ));
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(invalid("vsock.uds_path", "no path given"));
+            }
         }
         Ok(())
     }
@@ -553,6 +734,51 @@ mod tests {
         }];
         let e = c.validate(4096).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/disk"), "{e}");
+    }
+
+    #[test]
+    fn net_and_vsock_flags() {
+        let n = NetConfig::parse_flag("tap=tap0,mac=06:00:ac:10:00:02,mtu=1400").unwrap();
+        assert_eq!(n.iface_id, "tap0");
+        assert_eq!(n.mac_bytes().unwrap(), Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(n.mtu, Some(1400));
+        for bad in ["mac=06:00:ac:10:00:02", "tap=t,mtu=big", "tap=t,speed=10"] {
+            assert!(NetConfig::parse_flag(bad).is_err(), "{bad}");
+        }
+        for mac in [
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "zz:00:ac:10:00:02",
+            "07:00:ac:10:00:02",
+        ] {
+            let n = NetConfig {
+                guest_mac: Some(mac.into()),
+                ..NetConfig::parse_flag("tap=t").unwrap()
+            };
+            assert!(n.mac_bytes().is_err(), "{mac}");
+        }
+        let v = VsockConfig::parse_flag("cid=3,uds=/run/v.sock").unwrap();
+        assert_eq!(
+            (v.guest_cid, v.uds_path.as_path()),
+            (3, Path::new("/run/v.sock"))
+        );
+        let mut c = valid();
+        c.vsock = Some(VsockConfig { guest_cid: 2, ..v });
+        assert!(c
+            .validate(4096)
+            .unwrap_err()
+            .to_string()
+            .contains("guest_cid"));
+        let mut c = valid();
+        c.net = vec![
+            NetConfig::parse_flag("tap=a,id=x").unwrap(),
+            NetConfig::parse_flag("tap=b,id=x").unwrap(),
+        ];
+        assert!(c
+            .validate(4096)
+            .unwrap_err()
+            .to_string()
+            .contains("used twice"));
     }
 
     #[test]

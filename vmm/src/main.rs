@@ -63,6 +63,19 @@ struct Cli {
     #[arg(long, value_name = "path=PATH,id=ID[,readonly=BOOL][,root=BOOL]")]
     drive: Vec<String>,
 
+    /// A virtio-net device on an existing host tap (opened with IFF_VNET_HDR; checksum and
+    /// TSO offloads negotiated with the guest); repeat for more NICs. Without mac= a random
+    /// locally administered MAC is used. Configure the guest's address with the kernel's
+    /// ip= parameter, e.g. ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N][,id=ID]")]
+    net: Vec<String>,
+
+    /// A virtio-vsock device with guest context id N. Host side (Firecracker-compatible):
+    /// connect to PATH and write "CONNECT <port>\n" to reach a guest listener (answer
+    /// "OK <host_port>\n"); guest connections to CID 2 port P go to the unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
+
     /// Do not attach the virtio-rng device (attached by default so the guest never waits
     /// for entropy).
     #[arg(long)]
@@ -111,6 +124,12 @@ fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
     cfg.boot_timer |= cli.boot_timer;
     for d in &cli.drive {
         cfg.drives.push(vmm::config::DriveConfig::parse_flag(d)?);
+    }
+    for n in &cli.net {
+        cfg.net.push(vmm::config::NetConfig::parse_flag(n)?);
+    }
+    if let Some(v) = &cli.vsock {
+        cfg.vsock = Some(vmm::config::VsockConfig::parse_flag(v)?);
     }
     if cli.no_rng {
         cfg.entropy = false;

@@ -19,7 +19,9 @@ use devices::legacy::{
     SERIAL_PORT_LEN, STATUS_PORT_BASE, STATUS_PORT_LEN,
 };
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
@@ -82,6 +84,21 @@ pub enum VmmError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    /// A network interface's tap cannot be used.
+    #[error("network interface {id}")]
+    Net {
+        /// The interface id.
+        id: String,
+        /// The error.
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    /// The vsock device cannot be set up (socket path in use, bad CID).
+    #[error("vsock")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
+    /// A configuration value was refused while building.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Another host resource (eventfd, signalfd, thread, epoll) failed.
     #[error("{0}")]
     Host(String),
@@ -329,6 +346,33 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
             let mode = if drive.is_read_only { "ro" } else { "rw" };
             append_cmdline(&mut cmdline, &format!("root=/dev/vda {mode}"))?;
         }
+    }
+    for n in &cfg.net {
+        let dev =
+            Net::new(&n.host_dev_name, n.mac_bytes()?, n.mtu).map_err(|source| VmmError::Net {
+                id: n.iface_id.clone(),
+                source,
+            })?;
+        let name = format!("net:{}", n.iface_id);
+        dm.attach(
+            &vm,
+            &mem,
+            &mut cmdline,
+            &mut em,
+            Arc::new(Mutex::new(dev)),
+            &name,
+        )?;
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(VmmError::Vsock)?;
+        dm.attach(
+            &vm,
+            &mem,
+            &mut cmdline,
+            &mut em,
+            Arc::new(Mutex::new(dev)),
+            "vsock",
+        )?;
     }
     if cfg.entropy {
         let rng = Rng::new().map_err(host("virtio-rng"))?;

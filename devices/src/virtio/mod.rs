@@ -9,8 +9,10 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue_handler;
 pub mod rng;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

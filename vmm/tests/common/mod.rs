@@ -18,7 +18,9 @@ pub struct Guest {
     vcpus: u32,
     mem_mib: u64,
     gi_cmd: String,
+    kernel_args: String,
     args: Vec<String>,
+    timeout: Duration,
 }
 
 impl Guest {
@@ -31,7 +33,9 @@ impl Guest {
             vcpus: 1,
             mem_mib: 128,
             gi_cmd: String::new(),
+            kernel_args: String::new(),
             args: Vec::new(),
+            timeout: TIMEOUT,
         }
     }
 
@@ -60,6 +64,19 @@ impl Guest {
         self
     }
 
+    /// Extra kernel command-line parameters (before gi.cmd).
+    pub fn kernel_args(mut self, args: &str) -> Guest {
+        self.kernel_args.push(' ');
+        self.kernel_args.push_str(args);
+        self
+    }
+
+    /// A longer limit for heavy workloads (everything in the guest runs emulated).
+    pub fn timeout(mut self, t: Duration) -> Guest {
+        self.timeout = t;
+        self
+    }
+
     /// Extra `vmm` flags.
     pub fn args(mut self, args: &[&str]) -> Guest {
         self.args.extend(args.iter().map(|a| a.to_string()));
@@ -79,6 +96,7 @@ impl Guest {
     pub fn run(self) -> RunOutput {
         require_genuine_kvm();
         let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+        cmdline.push_str(&self.kernel_args);
         if !self.gi_cmd.is_empty() {
             cmdline.push_str(&format!(" gi.cmd=\"{}\"", self.gi_cmd));
         }
