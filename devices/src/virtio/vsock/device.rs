@@ -152,22 +152,18 @@ impl Vsock {
         set: EventSet,
         reg: &mut dyn EventRegistry,
     ) {
-        match tag {
-            ACTIVATE_EVENT => {
-                // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
-                let _ = self.activate_evt.read();
+        if tag == ACTIVATE_EVENT {
+            // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
+            let _ = self.activate_evt.read();
+        } else if let Some(index) = queue_index(tag) {
+            if let Some(evt) = self.queue_evts.get(index) {
+                let _ = evt.read();
             }
-            t if queue_index(t).is_some() => {
-                let index = queue_index(t).unwrap_or(usize::MAX);
-                if let Some(evt) = self.queue_evts.get(index) {
-                    let _ = evt.read();
-                }
-                if index == TX_QUEUE {
-                    self.tx_kicked = true;
-                }
+            if index == TX_QUEUE {
+                self.tx_kicked = true;
             }
-            _ if self.active.is_some() => self.muxer.handle_event(tag, fd, set, reg),
-            _ => {}
+        } else if self.active.is_some() {
+            self.muxer.handle_event(tag, fd, set, reg);
         }
         self.run(reg);
     }
