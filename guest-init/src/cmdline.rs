@@ -13,6 +13,9 @@
 //!   VMMs without ACPI end the VM on a guest reboot).
 //! - `gi.statusport=PORT` an I/O port (decimal or 0x hex) where the VMM listens for the
 //!   ready marker and the command's exit status; set by `vmm`, absent under other VMMs.
+//! - `gi.agent=PORT` serve the guest agent on this vsock port (decimal or 0x hex,
+//!   1..=0xfffffffe). Without `gi.cmd`, guest-init then serves the agent until a `Shutdown`
+//!   request instead of printing the summary.
 
 use std::fmt;
 
@@ -40,6 +43,8 @@ pub struct Params {
     pub end: EndAction,
     /// Port for the VMM's status device, if any.
     pub status_port: Option<u16>,
+    /// Vsock port the guest agent listens on, if any.
+    pub agent_port: Option<u32>,
 }
 
 impl Default for Params {
@@ -48,6 +53,7 @@ impl Default for Params {
             cmd: None,
             end: EndAction::Reboot,
             status_port: None,
+            agent_port: None,
         }
     }
 }
@@ -195,6 +201,19 @@ fn parse_port(value: &str) -> Option<u16> {
     }
 }
 
+/// A vsock port to listen on: decimal or 0x hex, neither 0 nor `VMADDR_PORT_ANY`
+/// (0xffffffff, which asks the kernel to pick one).
+fn parse_vsock_port(value: &str) -> Option<u32> {
+    let port = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => value.parse().ok(),
+    }?;
+    (port != 0 && port != u32::MAX).then_some(port)
+}
+
 /// Finds `gi.statusport=` even in a command line that [`parse`] rejects, so guest-init can
 /// still report its own failure to the VMM. Best effort: plain whitespace splitting.
 pub fn status_port_only(text: &str) -> Option<u16> {
@@ -246,6 +265,16 @@ pub fn parse(text: &str) -> Result<Params, CmdlineError> {
                         value: value.into(),
                         expected: "a port number 0..=65535 (decimal or 0x hex)",
                     })?)
+            }
+            "agent" => {
+                params.agent_port =
+                    Some(
+                        parse_vsock_port(value).ok_or_else(|| CmdlineError::BadValue {
+                            param: "gi.agent".into(),
+                            value: value.into(),
+                            expected: "a vsock port 1..=4294967294 (decimal or 0x hex)",
+                        })?,
+                    )
             }
             _ => return Err(CmdlineError::UnknownParam(format!("gi.{key}"))),
         }
@@ -361,6 +390,45 @@ mod tests {
             assert!(e.to_string().contains("gi.statusport"), "{bad}: {e}");
         }
         assert_eq!(parse("gi.statusport=1088").unwrap().status_port, Some(1088));
+    }
+
+    #[test]
+    fn parse_agent_port() {
+        assert_eq!(parse("gi.agent=52").unwrap().agent_port, Some(52));
+        assert_eq!(parse("gi.agent=0x400").unwrap().agent_port, Some(1024));
+        assert_eq!(
+            parse("gi.agent=4294967294").unwrap().agent_port,
+            Some(u32::MAX - 1)
+        );
+        let p = parse(r#"gi.cmd="sh -c 'exit 7'" gi.agent=1024"#).unwrap();
+        assert_eq!(p.agent_port, Some(1024));
+        assert!(p.cmd.is_some());
+        assert_eq!(parse("gi.cmd=true").unwrap().agent_port, None);
+    }
+
+    #[test]
+    fn parse_rejects_bad_agent_ports_naming_the_param() {
+        for bad in [
+            "gi.agent=",
+            "gi.agent",
+            "gi.agent=0",
+            "gi.agent=4294967295",
+            "gi.agent=0xffffffff",
+            "gi.agent=4294967296",
+            "gi.agent=-1",
+            "gi.agent=vsock",
+            "gi.agent=0x",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                matches!(&e, CmdlineError::BadValue { param, .. } if param == "gi.agent"),
+                "{bad}: {e:?}"
+            );
+            assert!(
+                e.to_string().starts_with("gi.agent: bad value"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,23 +1,28 @@
 //! guest-init: PID 1 inside the guest.
 //!
 //! Its job, in order: mount /proc, /sys, /dev and /tmp; read its parameters from the kernel
-//! command line; print `guest-init: ready`; run the command (`gi.cmd=`) or, without one, a
-//! built-in summary; print `guest-init: exit status N`; and end the VM. It must never panic
-//! as PID 1 (the kernel would panic with it): every error is printed and leads to a clean
-//! end of the VM, with exit status 1 reported for errors of guest-init's own.
+//! command line; print `guest-init: ready`; start the guest agent if `gi.agent=` asks for
+//! it; run the command (`gi.cmd=`) or, without one, a built-in summary (or, with the agent
+//! on, serve the agent until a `Shutdown` request); print `guest-init: exit status N`; and
+//! end the VM. It must never panic as PID 1 (the kernel would panic with it): every error is
+//! printed and leads to a clean end of the VM, with exit status 1 reported for errors of
+//! guest-init's own. The agent's errors stay inside the agent's connection.
 //!
 //! The console lines are the contract with whoever runs the VM (`vmm`, qemu, a test):
 //! - `guest-init: ready`
+//! - `guest-init: agent listening on vsock port P` (with `gi.agent=P`)
 //! - `guest-init: exit status N` (N as a shell reports it: 128+signal for a killed command)
 //! - `guest-init: error: ...` for a failure of guest-init itself, followed by exit status 1.
-
-mod cmdline;
-mod sys;
+//!
+//! Children: one reaper thread collects every exit status in the guest (PID 1 inherits all
+//! orphans) and routes each to whoever started that child: the main command here, or an
+//! agent exec (see `reaper.rs`).
 
 use std::io::Write;
 use std::process::Command;
-
-use cmdline::{EndAction, Params};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Everything guest-init says goes through here: one line, straight to the console, and
 /// never a panic if the console is gone.
@@ -30,6 +35,30 @@ fn say(msg: std::fmt::Arguments<'_>) {
 macro_rules! say {
     ($($arg:tt)*) => { say(format_args!($($arg)*)) };
 }
+
+mod cmdline;
+mod reaper;
+mod server;
+mod sys;
+
+use cmdline::{EndAction, Params};
+use reaper::Reaper;
+use server::{ServerContext, ShutdownStage};
+
+/// What the main thread waits for once the workload is running.
+enum MainEvent {
+    /// The main command exited with this raw wait status.
+    CommandExited(libc::c_int),
+    /// Progress of an agent `Shutdown` request.
+    Shutdown(ShutdownStage),
+}
+
+/// How long to wait, after acknowledging `Shutdown`, for the host to close its connection.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Exit status reported when a `Shutdown` request ends the VM under a running command: the
+/// command dies with the VM, as if killed (128 + SIGKILL).
+const STATUS_CUT_SHORT: u8 = 137;
 
 fn mount_early_filesystems() -> Result<(), String> {
     const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -71,40 +100,110 @@ fn summary() -> u8 {
     0
 }
 
-fn run_command(argv: &[String]) -> u8 {
+fn run_command(
+    argv: &[String],
+    reaper: &Reaper,
+    events: &Sender<MainEvent>,
+    rx: &Receiver<MainEvent>,
+) -> u8 {
     let Some((prog, args)) = argv.split_first() else {
         return 1;
     };
-    let child = Command::new(prog)
-        .args(args)
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
         .env_clear()
         .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
         .env("HOME", "/")
         .env("TERM", "linux")
-        .current_dir("/")
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            say!("error: cannot run {prog:?}: {e}");
-            return 127;
-        }
-    };
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
-        say!("error: child pid out of range");
-        return 1;
-    };
-    match sys::wait_for(pid) {
-        Ok(raw) => {
-            let (status, signal) = sys::shell_status(raw);
-            if let Some(sig) = signal {
-                say!("command killed by signal {sig}");
+        .current_dir("/");
+    let tx = events.clone();
+    let on_exit = Box::new(move |raw| {
+        let _ = tx.send(MainEvent::CommandExited(raw));
+    });
+    // The Child only matters for its pid, which the reaper already has; dropping it neither
+    // waits nor kills.
+    if let Err(e) = reaper.spawn(&mut cmd, on_exit) {
+        say!("error: cannot run {prog:?}: {e}");
+        return 127;
+    }
+    loop {
+        match rx.recv() {
+            Ok(MainEvent::CommandExited(raw)) => {
+                let (status, signal) = sys::shell_status(raw);
+                if let Some(sig) = signal {
+                    say!("command killed by signal {sig}");
+                }
+                return status;
             }
-            status
+            Ok(MainEvent::Shutdown(ShutdownStage::Requested)) => {
+                say!("shutdown requested over the agent; the command is still running");
+                await_shutdown_close(rx);
+                return STATUS_CUT_SHORT;
+            }
+            Ok(MainEvent::Shutdown(ShutdownStage::Closed)) => {}
+            // Cannot happen: `events` is a live sender.
+            Err(_) => return 1,
         }
+    }
+}
+
+/// Starts the agent on vsock `port`; reports failures on the console.
+fn start_agent(
+    port: u32,
+    reaper: &Arc<Reaper>,
+    started: Instant,
+    events: &Sender<MainEvent>,
+) -> bool {
+    let listener = match server::vsock::VsockListener::bind(port) {
+        Ok(l) => l,
         Err(e) => {
-            say!("error: waiting for {prog:?}: {e}");
-            1
+            say!("error: agent: vsock port {port}: {e}");
+            return false;
+        }
+    };
+    let tx = events.clone();
+    let ctx = ServerContext {
+        reaper: Arc::clone(reaper),
+        started,
+        on_shutdown: Box::new(move |stage| {
+            let _ = tx.send(MainEvent::Shutdown(stage));
+        }),
+    };
+    if let Err(e) = server::listen::spawn_accept_loop(listener, Arc::new(ctx)) {
+        say!("error: agent: starting its thread: {e}");
+        return false;
+    }
+    say!("agent listening on vsock port {port}");
+    true
+}
+
+/// Without a command: serve the agent until a `Shutdown` request.
+fn serve_until_shutdown(rx: &Receiver<MainEvent>) -> u8 {
+    loop {
+        match rx.recv() {
+            Ok(MainEvent::Shutdown(ShutdownStage::Requested)) => {
+                say!("shutdown requested over the agent");
+                await_shutdown_close(rx);
+                return 0;
+            }
+            Ok(_) => {}
+            // Cannot happen: main holds a sender.
+            Err(_) => return 1,
+        }
+    }
+}
+
+/// Gives the host up to [`SHUTDOWN_GRACE`] to close its connection after `ShutdownOk`, so
+/// the acknowledgement is out of the guest before the VM ends.
+fn await_shutdown_close(rx: &Receiver<MainEvent>) {
+    let deadline = Instant::now().checked_add(SHUTDOWN_GRACE);
+    loop {
+        let left = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(left) {
+            Ok(MainEvent::Shutdown(ShutdownStage::Closed)) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
@@ -122,6 +221,7 @@ fn finish(end: EndAction, port: Option<&sys::StatusPort>, status: u8) -> ! {
 }
 
 fn main() {
+    let started = Instant::now();
     let is_pid1 = std::process::id() == 1;
     // Last line of defence: a panic must still end the VM cleanly, not panic the kernel.
     std::panic::set_hook(Box::new(|info| {
@@ -168,12 +268,31 @@ fn main() {
         }
     };
 
+    let reaper = Arc::new(Reaper::new());
+    if let Err(e) = reaper.start() {
+        say!("error: starting the child reaper: {e}");
+        finish(params.end, port.as_ref(), 1);
+    }
+    let (events, rx) = mpsc::channel();
+
     say!("ready");
     if let Some(p) = &port {
         p.ready();
     }
+    let agent_on = match params.agent_port {
+        Some(agent_port) => {
+            let on = start_agent(agent_port, &reaper, started, &events);
+            if !on && params.cmd.is_none() {
+                // Nothing to run and nothing to serve.
+                finish(params.end, port.as_ref(), 1);
+            }
+            on
+        }
+        None => false,
+    };
     let status = match &params.cmd {
-        Some(argv) => run_command(argv),
+        Some(argv) => run_command(argv, &reaper, &events, &rx),
+        None if agent_on => serve_until_shutdown(&rx),
         None => summary(),
     };
     finish(params.end, port.as_ref(), status);

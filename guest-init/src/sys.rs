@@ -1,5 +1,6 @@
 //! Thin wrappers over the few system calls PID 1 needs: mounts, the console, the VMM's
 //! status port and the final reboot. Each returns an `io::Error` instead of panicking.
+//! (Children are reaped in `reaper.rs`.)
 
 use std::ffi::CString;
 use std::io;
@@ -125,26 +126,6 @@ pub fn end_vm(action: EndAction) -> io::Error {
     io::Error::last_os_error()
 }
 
-/// Reaps children until `pid` exits and returns its raw wait status. As PID 1 we inherit
-/// every orphan, so other children are reaped and ignored on the way.
-pub fn wait_for(pid: libc::pid_t) -> io::Result<libc::c_int> {
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: status is a valid out-pointer for the duration of the call.
-        let got = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if got == pid {
-            return Ok(status);
-        }
-        if got < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(err);
-        }
-    }
-}
-
 /// Exit status as a shell reports it: the code for a normal exit, 128 + signal otherwise.
 pub fn shell_status(raw: libc::c_int) -> (u8, Option<i32>) {
     if libc::WIFEXITED(raw) {
@@ -171,24 +152,6 @@ mod tests {
         assert_eq!(shell_status(7 << 8), (7, None));
         assert_eq!(shell_status(0), (0, None));
         assert_eq!(shell_status(9), (137, Some(9)));
-    }
-
-    #[test]
-    #[expect(
-        clippy::zombie_processes,
-        reason = "wait_for reaps both children through waitpid(-1)"
-    )]
-    fn wait_for_reaps_other_children_first() {
-        // Two children; we wait for the second, the first is reaped on the way.
-        let first = std::process::Command::new("true").spawn().unwrap();
-        let second = std::process::Command::new("sh")
-            .args(["-c", "sleep 0.1; exit 5"])
-            .spawn()
-            .unwrap();
-        let pid = libc::pid_t::try_from(second.id()).unwrap();
-        let raw = wait_for(pid).unwrap();
-        assert_eq!(shell_status(raw), (5, None));
-        drop(first);
     }
 
     #[test]
