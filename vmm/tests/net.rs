@@ -37,7 +37,9 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
     }
 }
 
@@ -107,7 +109,8 @@ fn ping_and_256_mib_tcp_both_ways() {
 
     // Everything in the guest runs emulated in the test host: keep its own work small
     // (no urandom, one checksum).
-    let cmd = "busybox sh -c 'ping -c 3 -W 5 172.16.0.1 >/dev/null && echo PING=ok || echo PING=fail; \
+    let cmd =
+        "busybox sh -c 'ping -c 3 -W 5 172.16.0.1 >/dev/null && echo PING=ok || echo PING=fail; \
                nc 172.16.0.1 5000 > /tmp/data; \
                echo DOWN=$(md5sum /tmp/data | cut -c1-32); \
                nc 172.16.0.1 5001 < /tmp/data'";
@@ -121,7 +124,12 @@ fn ping_and_256_mib_tcp_both_ways() {
     sender.join().unwrap();
     let up_matches = receiver.join().unwrap();
     assert_eq!(guest_value(&out, "PING"), "ok", "{}", out.output);
-    assert_eq!(guest_value(&out, "DOWN"), want, "host->guest checksum:\n{}", out.output);
+    assert_eq!(
+        guest_value(&out, "DOWN"),
+        want,
+        "host->guest checksum:\n{}",
+        out.output
+    );
     assert!(up_matches, "guest->host bytes differ from what was sent");
     assert_eq!(guest_exit_status(&out.output), Some(0), "{}", out.output);
 }
