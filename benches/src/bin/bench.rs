@@ -1,0 +1,552 @@
+//! `bench`: the side-by-side benchmark harness. See benches/README.md.
+//!
+//! Runs each measurable workload `--runs` times under our `vmm` and under qemu microvm,
+//! alternating the two, then prints a table and writes the results. Where this machine's
+//! KVM cannot boot Linux it re-runs itself inside the KVM test host, passing the commit,
+//! the machine description and the date in from outside.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use benches::host;
+use benches::journal::{Journal, Outcome};
+use benches::metrics::{self, MetricDef, Status, CATALOG};
+use benches::progress::{self, Progress};
+use benches::report::{self, MetricResult, Report};
+use benches::smaps;
+use benches::testhost;
+use benches::vm::{self, GuestSpec, Inputs, Side};
+use clap::Parser;
+
+/// Side-by-side benchmarks: this project's VMM against qemu-system-x86_64 -M microvm.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Runs per workload and side.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Each workload once, only checking that all complete; writes
+    /// benches/results/quick.json, never latest.json or RESULTS.md.
+    #[arg(long)]
+    quick: bool,
+    /// Only these metrics (comma-separated names); the results go to
+    /// benches/results/partial.json, never latest.json or RESULTS.md.
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    only: Vec<String>,
+    /// Seconds one VM may take from spawn to exit before it is killed and the run fails.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    vm_timeout: u64,
+}
+
+/// Set (to "1") on the harness re-run inside the test host, so it never hops again.
+const ENV_IN_TESTHOST: &str = "BENCH_IN_TESTHOST";
+/// The commit, gathered outside (git inside the test host sees a 9p mount).
+const ENV_COMMIT: &str = "BENCH_COMMIT";
+/// The outer machine's CPU description.
+const ENV_MACHINE: &str = "BENCH_MACHINE";
+/// The run's start time, taken outside.
+const ENV_DATE: &str = "BENCH_DATE";
+/// Where the inner harness writes its progress events for the outer one to show.
+const ENV_PROGRESS: &str = "BENCH_PROGRESS_FILE";
+/// Where the inner harness records finished runs, kept across test host sessions.
+const ENV_JOURNAL: &str = "BENCH_JOURNAL";
+/// Which test host session this is (1 unless an earlier one wedged).
+const ENV_SESSION: &str = "BENCH_SESSION";
+/// Test host sessions tried before giving up on a wedging test host.
+const MAX_SESSIONS: u32 = 3;
+
+/// Guest RAM of every workload so far.
+const GUEST_MIB: u32 = 128;
+
+/// What a workload measures once the VM is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Spawn to the ready line, in ms.
+    BootReady,
+    /// Resident memory that is not guest RAM, 1 s after ready, in MiB.
+    RssOverhead,
+}
+
+/// One measurable metric and how it is measured.
+struct Workload {
+    def: &'static MetricDef,
+    spec: GuestSpec,
+    probe: Probe,
+    method: &'static str,
+}
+
+fn workloads() -> Result<Vec<Workload>> {
+    let def =
+        |name| metrics::find(name).with_context(|| format!("{name} missing from the catalog"));
+    let boot = |vcpus| GuestSpec {
+        vcpus,
+        mem_mib: GUEST_MIB,
+        gi_cmd: None,
+    };
+    Ok(vec![
+        Workload {
+            def: def("boot_ready_ms_1vcpu")?,
+            spec: boot(1),
+            probe: Probe::BootReady,
+            method: "VMM process spawn to the console line `guest-init: ready`; 1 vCPU, 128 MiB, initramfs, quiet",
+        },
+        Workload {
+            def: def("boot_ready_ms_2vcpu")?,
+            spec: boot(2),
+            probe: Probe::BootReady,
+            method: "VMM process spawn to the console line `guest-init: ready`; 2 vCPUs, 128 MiB, initramfs, quiet",
+        },
+        Workload {
+            def: def("vmm_rss_overhead_mib")?,
+            spec: GuestSpec {
+                vcpus: 1,
+                mem_mib: GUEST_MIB,
+                gi_cmd: Some("busybox sleep 5".into()),
+            },
+            probe: Probe::RssOverhead,
+            method: "total Rss minus the Rss of the 128 MiB guest RAM mapping (/proc/PID/smaps), 1 s after `guest-init: ready`; gi.cmd busybox sleep 5",
+        },
+    ])
+}
+
+/// Copies of the boot inputs on local storage (tmpfs inside the test host), so neither VMM
+/// pays for reading the repository's 9p mount; removed on drop.
+struct Staged {
+    dir: PathBuf,
+    inputs: Inputs,
+}
+
+impl Staged {
+    fn new(repo: &Path) -> Result<Staged> {
+        let source = Inputs {
+            vmm: repo.join("target/release/vmm"),
+            kernel: repo.join("target/guest/vmlinux"),
+            initrd: repo.join("target/guest/initramfs.cpio"),
+        };
+        let dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let copy = |from: &Path| -> Result<PathBuf> {
+            let name = from.file_name().context("input without a file name")?;
+            let to = dir.join(name);
+            // fs::copy follows symlinks (target/guest/vmlinux points into the kernel cache)
+            // and keeps the mode, so the vmm copy stays executable.
+            fs::copy(from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        let inputs = Inputs {
+            vmm: copy(&source.vmm)?,
+            kernel: copy(&source.kernel)?,
+            initrd: copy(&source.initrd)?,
+        };
+        Ok(Staged { dir, inputs })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn check_inputs(repo: &Path) -> Result<()> {
+    let needed = [
+        (
+            "target/release/vmm",
+            "cargo build --release -p vmm (scripts/bench.sh does)",
+        ),
+        ("target/guest/vmlinux", "scripts/setup.sh"),
+        ("target/guest/initramfs.cpio", "scripts/setup.sh"),
+    ];
+    for (path, how) in needed {
+        if !repo.join(path).exists() {
+            bail!("{path} is missing: run {how}");
+        }
+    }
+    Ok(())
+}
+
+/// Says so when the machine is already busy (another test host, a build): the test host
+/// emulates its CPUs in software on these cores, so every figure would be slower and noisier.
+fn warn_if_busy() {
+    let load = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    let cores = host::cores() as f64;
+    if let Some(load) = load.filter(|&l| l > cores * 0.5) {
+        eprintln!(
+            "bench: warning: load average {load:.1} on {cores} cores; other work (a running test host, a build) makes the results slow and noisy"
+        );
+    }
+}
+
+/// Re-runs this binary with the same arguments inside the KVM test host. A test host that
+/// wedges is replaced by a fresh one, up to [`MAX_SESSIONS`] in all; the runs it finished
+/// are kept through the journal.
+fn hop_into_testhost(repo: &Path, args: &Args, why: &str) -> Result<ExitCode> {
+    let workloads = selected(args)?.len();
+    let runs = if args.quick { 1 } else { u64::from(args.runs) };
+    let boots = 2 * runs * u64::try_from(workloads).unwrap_or(u64::MAX) + 2;
+    // Generous: a qemu boot takes ~10 s in the test host; the test host itself ~5 s.
+    let timeout = 600 + boots.saturating_mul(60);
+    eprintln!(
+        "bench: this machine's KVM cannot boot Linux ({why}); re-running inside the KVM test host (tests/testhost/run, timeout {timeout} s)"
+    );
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let id = std::process::id();
+    let progress_file = repo.join(format!("target/bench-progress-{id}.log"));
+    let journal = repo.join(format!("target/bench-journal-{id}.log"));
+    let (commit, machine, date) = (
+        host::git_commit(repo),
+        host::describe_cpu(),
+        host::now_utc(),
+    );
+    // Every run inside ends within --vm-timeout, and the test host boots in well under a
+    // minute: this much silence means it is wedged.
+    let stall_limit = Duration::from_secs(args.vm_timeout.saturating_add(180));
+    let _ = fs::remove_file(&journal);
+    let mut session = 1;
+    let relayed = loop {
+        let mut cmd = Command::new(repo.join("tests/testhost/run"));
+        cmd.args(["--timeout", &timeout.to_string()]);
+        for var in [
+            ENV_IN_TESTHOST,
+            ENV_COMMIT,
+            ENV_MACHINE,
+            ENV_DATE,
+            ENV_PROGRESS,
+            ENV_JOURNAL,
+            ENV_SESSION,
+        ] {
+            cmd.args(["--env", var]);
+        }
+        cmd.arg("--")
+            .arg(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(ENV_IN_TESTHOST, "1")
+            .env(ENV_COMMIT, &commit)
+            .env(ENV_MACHINE, &machine)
+            .env(ENV_DATE, &date)
+            .env(ENV_PROGRESS, &progress_file)
+            .env(ENV_JOURNAL, &journal)
+            .env(ENV_SESSION, session.to_string())
+            .stdout(Stdio::piped());
+        let _ = fs::remove_file(&progress_file);
+        let mut child = cmd.spawn().context("running tests/testhost/run")?;
+        let relayed = testhost::relay(&mut child, &progress_file, stall_limit);
+        let _ = fs::remove_file(&progress_file);
+        let relayed = relayed?;
+        if !relayed.stalled || session == MAX_SESSIONS {
+            break relayed;
+        }
+        session += 1;
+        eprintln!(
+            "bench: starting a fresh test host (session {session} of at most {MAX_SESSIONS}); runs already finished are kept"
+        );
+    };
+    let _ = fs::remove_file(&journal);
+    if relayed.stalled {
+        eprintln!("bench: the test host wedged {MAX_SESSIONS} times; re-run on an idle machine");
+    }
+    let code = relayed.status.code().unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// The workloads `--only` keeps (all without it). Errors on an unknown name.
+fn selected(args: &Args) -> Result<Vec<Workload>> {
+    for name in &args.only {
+        if metrics::find(name).is_none() {
+            let names: Vec<&str> = CATALOG.iter().map(|m| m.name).collect();
+            bail!(
+                "unknown metric {name:?} in --only; known: {}",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(workloads()?
+        .into_iter()
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|n| n == w.def.name))
+        .collect())
+}
+
+/// One side's samples and failures for a workload.
+#[derive(Default)]
+struct Samples {
+    ours: Vec<f64>,
+    peer: Vec<f64>,
+    failures: usize,
+    first_error: Option<String>,
+}
+
+fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) -> Result<f64> {
+    let cmd = vm::command(side, inputs, &w.spec)?;
+    let mem_mib = u64::from(w.spec.mem_mib);
+    match w.probe {
+        Probe::BootReady => {
+            let run = vm::run_vm(cmd, timeout, |_| Ok(()))?;
+            Ok(run.ready.as_secs_f64() * 1000.0)
+        }
+        Probe::RssOverhead => {
+            let run = vm::run_vm(cmd, timeout, |pid| {
+                std::thread::sleep(Duration::from_secs(1));
+                smaps::overhead_of_pid(pid, mem_mib)
+            })?;
+            Ok(run.probe.overhead_mib())
+        }
+    }
+}
+
+fn format_value(v: f64, unit: &str) -> String {
+    format!("{} {unit}", report::num(Some(v)))
+}
+
+fn real_main() -> Result<ExitCode> {
+    let args = Args::parse();
+    let repo = repo_root();
+    let chosen = selected(&args)?;
+    check_inputs(&repo)?;
+
+    let in_testhost = std::env::var_os(ENV_IN_TESTHOST).is_some();
+    if !in_testhost {
+        warn_if_busy();
+    }
+    let kvm = match host::genuine_kvm() {
+        Ok(module) => module,
+        Err(why) if in_testhost => bail!("inside the test host, but {why}"),
+        Err(why) => return hop_into_testhost(&repo, &args, &why),
+    };
+    for name in &args.only {
+        if let Some(MetricDef {
+            status: Status::NotYet(why),
+            ..
+        }) = metrics::find(name)
+        {
+            eprintln!("bench: {name}: nothing to run ({why})");
+        }
+    }
+
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let commit = std::env::var(ENV_COMMIT).unwrap_or_else(|_| host::git_commit(&repo));
+    let date = std::env::var(ENV_DATE).unwrap_or_else(|_| host::now_utc());
+    let cpu = std::env::var(ENV_MACHINE).unwrap_or_else(|_| host::describe_cpu());
+    let nested = in_testhost || host::is_virtual_machine(&cpuinfo);
+    let machine = if in_testhost {
+        format!(
+            "{cpu}; VMs ran in the KVM test host (QEMU TCG L1 with AMD SVM, {} vCPUs, nested {kvm})",
+            host::cores()
+        )
+    } else {
+        format!("{cpu}; VMs ran on this machine's {kvm}")
+    };
+
+    let session: u32 = std::env::var(ENV_SESSION)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut journal = match std::env::var_os(ENV_JOURNAL) {
+        Some(path) => Journal::open(Path::new(&path))
+            .with_context(|| format!("opening the journal {}", path.to_string_lossy()))?,
+        None => Journal::in_memory(),
+    };
+
+    let staged = Staged::new(&repo)?;
+    let plan = Plan {
+        runs: if args.quick { 1 } else { args.runs },
+        warmup: !args.quick,
+        timeout: Duration::from_secs(args.vm_timeout),
+    };
+    let total = plan.total(chosen.len());
+    let mut progress = match std::env::var_os(ENV_PROGRESS) {
+        Some(path) => Progress::to_file(total, Path::new(&path))
+            .with_context(|| format!("creating the progress file {}", path.to_string_lossy()))?,
+        None => Progress::on_stderr(total, progress::stderr_is_fancy()),
+    };
+    progress.note(&format!("bench: commit {commit}, {machine}"));
+    if session > 1 {
+        progress.note(&format!(
+            "bench: test host session {session}; {} run(s) kept from earlier sessions",
+            journal.len()
+        ));
+    }
+    let (measured, failed) = run_all(&chosen, &plan, &staged.inputs, &mut journal, &mut progress);
+    progress.finish();
+    drop(staged);
+
+    let skipped = "not run: left out by --only";
+    let report = Report::new(commit, date, machine, nested, CATALOG, measured, skipped);
+    println!("{}", report.table());
+    let mut extra = Vec::new();
+    if session > 1 {
+        extra.push(format!(
+            "Test host sessions: {session}: the test host wedged; runs finished before were kept and the rest ran in a fresh one, so ratios mix sessions"
+        ));
+    }
+    write_outputs(&repo, &args, &report, plan.runs, &extra)?;
+    if failed > 0 {
+        eprintln!("bench: {failed} run(s) FAILED");
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("bench: all {total} runs completed");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How many times and how long.
+struct Plan {
+    runs: u32,
+    warmup: bool,
+    timeout: Duration,
+}
+
+impl Plan {
+    /// VM runs in all, warm-ups included.
+    fn total(&self, workloads: usize) -> u64 {
+        2 * u64::from(self.runs) * u64::try_from(workloads).unwrap_or(0)
+            + if self.warmup { 2 } else { 0 }
+    }
+}
+
+/// Runs the warm-up and every workload, alternating the sides; returns each workload's
+/// result and the number of failed runs. Runs found in the journal are not done again.
+fn run_all(
+    chosen: &[Workload],
+    plan: &Plan,
+    inputs: &Inputs,
+    journal: &mut Journal,
+    progress: &mut Progress,
+) -> (Vec<(String, MetricResult)>, usize) {
+    let mut failed = 0usize;
+    if let Some(w) = chosen.first().filter(|_| plan.warmup) {
+        // One untimed boot per side first, so the page cache holds qemu's libraries and both
+        // sides start from the same warm state (in every fresh test host).
+        for side in [Side::Ours, Side::Peer] {
+            progress.starting(&format!("warm-up {}", side.as_str()));
+            match measure_once(side, inputs, w, plan.timeout) {
+                Ok(v) => progress.finished(&format!(
+                    "warm-up {}: {}",
+                    side.as_str(),
+                    format_value(v, w.def.unit)
+                )),
+                Err(e) => {
+                    failed += 1;
+                    progress.finished(&format!("warm-up {} FAILED: {e:#}", side.as_str()));
+                }
+            }
+        }
+    }
+    let mut measured = Vec::new();
+    let runs = plan.runs;
+    for w in chosen {
+        let mut s = Samples::default();
+        for run in 1..=runs {
+            // Alternate which side goes first so neither always follows the other.
+            let order = if run % 2 == 1 {
+                [Side::Ours, Side::Peer]
+            } else {
+                [Side::Peer, Side::Ours]
+            };
+            for side in order {
+                let what = format!("{} {} run {run}/{runs}", w.def.name, side.as_str());
+                let key = (w.def.name.to_string(), side.as_str().to_string(), run);
+                let (outcome, kept) = match journal.get(&key) {
+                    Some(o) => (o.clone(), " (kept from an earlier session)"),
+                    None => {
+                        progress.starting(&what);
+                        let o = match measure_once(side, inputs, w, plan.timeout) {
+                            Ok(v) => Outcome::Ok(v),
+                            Err(e) => Outcome::Failed(format!("{e:#}")),
+                        };
+                        journal.record(key, o.clone());
+                        (o, "")
+                    }
+                };
+                match outcome {
+                    Outcome::Ok(v) => {
+                        progress
+                            .finished(&format!("{what}: {}{kept}", format_value(v, w.def.unit)));
+                        match side {
+                            Side::Ours => s.ours.push(v),
+                            Side::Peer => s.peer.push(v),
+                        }
+                    }
+                    Outcome::Failed(e) => {
+                        progress.finished(&format!("{what} FAILED{kept}: {e}"));
+                        s.failures += 1;
+                        s.first_error.get_or_insert_with(|| {
+                            let first = e.lines().next().unwrap_or_default();
+                            format!("{} {first}", side.as_str())
+                        });
+                    }
+                }
+            }
+        }
+        failed += s.failures;
+        measured.push((
+            w.def.name.to_string(),
+            MetricResult::measured(
+                w.def,
+                w.method,
+                &s.ours,
+                &s.peer,
+                s.failures,
+                s.first_error.as_deref(),
+            ),
+        ));
+    }
+    (measured, failed)
+}
+
+/// Writes the JSON (`quick.json`, `partial.json` or `latest.json`) and, for a full run, the
+/// new RESULTS.md section.
+fn write_outputs(
+    repo: &Path,
+    args: &Args,
+    report: &Report,
+    runs: u32,
+    extra: &[String],
+) -> Result<()> {
+    let results = repo.join("benches/results");
+    fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
+    let json_name = if args.quick {
+        "quick.json"
+    } else if !args.only.is_empty() {
+        "partial.json"
+    } else {
+        "latest.json"
+    };
+    let json = results.join(json_name);
+    fs::write(&json, report.to_json()).with_context(|| format!("writing {}", json.display()))?;
+    eprintln!("bench: wrote {}", json.display());
+    if json_name == "latest.json" {
+        let md = repo.join("benches/RESULTS.md");
+        let existing = fs::read_to_string(&md).ok();
+        let command = std::iter::once("bench".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let runs = usize::try_from(runs).unwrap_or(0);
+        let section = report::results_section(report, runs, &command, extra);
+        fs::write(&md, report::insert_section(existing.as_deref(), &section))
+            .with_context(|| format!("writing {}", md.display()))?;
+        eprintln!("bench: added a section to {}", md.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The catalog of metrics the harness reports, in the order of the "Benchmark harness"
+//! issue. Every metric appears in every report; one that cannot be measured yet carries
+//! `ours: null` and a note naming what is missing.
+
+/// Whether smaller or larger values are better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Times, memory.
+    Lower,
+    /// Throughputs, rates.
+    Higher,
+}
+
+impl Better {
+    /// "lower" or "higher".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Better::Lower => "lower",
+            Better::Higher => "higher",
+        }
+    }
+}
+
+/// How a metric is measured today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The harness measures it.
+    Measured,
+    /// Not measurable yet; the note says why.
+    NotYet(&'static str),
+}
+
+/// A target from the issue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Target {
+    /// How the note states it.
+    pub text: &'static str,
+    /// What is checked.
+    pub check: TargetCheck,
+}
+
+/// What a [`Target`] compares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TargetCheck {
+    /// ours_median / peer_median at most this.
+    RatioAtMost(f64),
+    /// ours_median at most this, in the metric's unit.
+    OursAtMost(f64),
+}
+
+impl Target {
+    /// Whether the target is met, when both needed values are there.
+    pub fn met(&self, ours: Option<f64>, ratio: Option<f64>) -> Option<bool> {
+        match self.check {
+            TargetCheck::RatioAtMost(max) => ratio.map(|r| r <= max),
+            TargetCheck::OursAtMost(max) => ours.map(|o| o <= max),
+        }
+    }
+}
+
+/// One metric of the catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    /// Name used in the JSON and on the command line (`--only`).
+    pub name: &'static str,
+    /// Unit of the values.
+    pub unit: &'static str,
+    /// Direction of "better".
+    pub better: Better,
+    /// The peer it is compared with.
+    pub peer_name: &'static str,
+    /// The issue's target, quoted in the note and checked against the result.
+    pub target: Option<Target>,
+    /// Whether the harness can measure it yet.
+    pub status: Status,
+}
+
+/// The peer for VMM-level metrics.
+pub const QEMU_MICROVM: &str = "qemu-system-x86_64 -M microvm";
+
+const BLK: &str =
+    "n/a: virtio-blk not implemented yet (issue: virtio-mmio transport, virtio-blk and virtio-rng)";
+const NET: &str = "n/a: virtio-net not implemented yet";
+const VSOCK: &str = "n/a: virtio-vsock not implemented yet";
+const API: &str = "n/a: the VMM's API socket is not implemented yet";
+const SNAPSHOT: &str = "n/a: snapshot create/restore not implemented yet";
+const AGENT: &str =
+    "n/a: snapshot restore and the guest-init exec agent over vsock are not implemented yet";
+const ORCH: &str = "n/a: the orchestrator is not implemented yet";
+const TEMPLATE: &str =
+    "n/a: orchestrator templates (restore from a snapshot) are not implemented yet";
+const HIBERNATE: &str = "n/a: hibernation (snapshot, stop, wake on demand) is not implemented yet";
+
+const fn def(
+    name: &'static str,
+    unit: &'static str,
+    better: Better,
+    target: Option<Target>,
+    status: Status,
+) -> MetricDef {
+    MetricDef {
+        name,
+        unit,
+        better,
+        peer_name: QEMU_MICROVM,
+        target,
+        status,
+    }
+}
+
+use Better::{Higher, Lower};
+use Status::{Measured, NotYet};
+
+/// The boot metrics' target.
+const BOOT_TARGET: Target = Target {
+    text: "target ratio <= 0.20x qemu microvm (Firecracker measured 0.24x in this setup)",
+    check: TargetCheck::RatioAtMost(0.2),
+};
+
+/// The memory overhead's target.
+const RSS_TARGET: Target = Target {
+    text: "target <= 5 MiB for ours",
+    check: TargetCheck::OursAtMost(5.0),
+};
+
+/// Every metric, in report order.
+pub const CATALOG: &[MetricDef] = &[
+    def(
+        "boot_ready_ms_1vcpu",
+        "ms",
+        Lower,
+        Some(BOOT_TARGET),
+        Measured,
+    ),
+    def(
+        "boot_ready_ms_2vcpu",
+        "ms",
+        Lower,
+        Some(BOOT_TARGET),
+        Measured,
+    ),
+    def("api_ready_ms", "ms", Lower, None, NotYet(API)),
+    def(
+        "vmm_rss_overhead_mib",
+        "MiB",
+        Lower,
+        Some(RSS_TARGET),
+        Measured,
+    ),
+    def("blk_seq_read_mibs", "MiB/s", Higher, None, NotYet(BLK)),
+    def("blk_seq_write_mibs", "MiB/s", Higher, None, NotYet(BLK)),
+    def("blk_randread_iops", "IOPS", Higher, None, NotYet(BLK)),
+    def(
+        "net_tcp_host_to_guest_gbps",
+        "Gbit/s",
+        Higher,
+        None,
+        NotYet(NET),
+    ),
+    def(
+        "net_tcp_guest_to_host_gbps",
+        "Gbit/s",
+        Higher,
+        None,
+        NotYet(NET),
+    ),
+    def("vsock_stream_mibs", "MiB/s", Higher, None, NotYet(VSOCK)),
+    def(
+        "snapshot_create_s_per_gib",
+        "s/GiB",
+        Lower,
+        None,
+        NotYet(SNAPSHOT),
+    ),
+    def(
+        "restore_running_ms_128m",
+        "ms",
+        Lower,
+        None,
+        NotYet(SNAPSHOT),
+    ),
+    def("restore_running_ms_1g", "ms", Lower, None, NotYet(SNAPSHOT)),
+    def("restore_exec_ms_128m", "ms", Lower, None, NotYet(AGENT)),
+    def(
+        "orch_create_exec_ms_cold_p50",
+        "ms",
+        Lower,
+        None,
+        NotYet(ORCH),
+    ),
+    def(
+        "orch_create_exec_ms_template_p50",
+        "ms",
+        Lower,
+        None,
+        NotYet(TEMPLATE),
+    ),
+    def(
+        "orch_create_exec_ms_template_p99",
+        "ms",
+        Lower,
+        None,
+        NotYet(TEMPLATE),
+    ),
+    def(
+        "orch_creates_per_s",
+        "creates/s",
+        Higher,
+        None,
+        NotYet(ORCH),
+    ),
+    def(
+        "hibernate_s_per_gib",
+        "s/GiB",
+        Lower,
+        None,
+        NotYet(HIBERNATE),
+    ),
+    def("wake_exec_ms", "ms", Lower, None, NotYet(HIBERNATE)),
+    def(
+        "idle_templated_vm_host_mib",
+        "MiB",
+        Lower,
+        None,
+        NotYet(TEMPLATE),
+    ),
+];
+
+/// Looks a metric up by name.
+pub fn find(name: &str) -> Option<&'static MetricDef> {
+    CATALOG.iter().find(|m| m.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_has_the_issues_metrics_once_each() {
+        let names: Vec<&str> = CATALOG.iter().map(|m| m.name).collect();
+        assert_eq!(names.len(), 21);
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "duplicate metric name");
+        for m in CATALOG {
+            if let Status::NotYet(note) = m.status {
+                assert!(note.starts_with("n/a: "), "{}: {note}", m.name);
+            }
+        }
+        assert!(find("boot_ready_ms_1vcpu").is_some());
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn targets_check_the_right_value() {
+        assert_eq!(BOOT_TARGET.met(Some(100.0), Some(0.19)), Some(true));
+        assert_eq!(BOOT_TARGET.met(Some(100.0), Some(0.21)), Some(false));
+        assert_eq!(BOOT_TARGET.met(Some(100.0), None), None);
+        assert_eq!(RSS_TARGET.met(Some(4.9), None), Some(true));
+        assert_eq!(RSS_TARGET.met(Some(5.1), Some(0.1)), Some(false));
+    }
+}
