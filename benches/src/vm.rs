@@ -42,6 +42,8 @@ pub struct GuestSpec {
     pub mem_mib: u32,
     /// guest-init's command (`gi.cmd`); `None` runs its built-in summary.
     pub gi_cmd: Option<String>,
+    /// A raw data disk attached as the guest's first virtio-blk device (/dev/vda).
+    pub disk: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -92,6 +94,10 @@ pub fn command(side: Side, inputs: &Inputs, spec: &GuestSpec) -> Result<Command>
                 .args(["--memory-mib", &spec.mem_mib.to_string()])
                 .arg("--cmdline")
                 .arg(format!("console=ttyS0 reboot=k {tail}"));
+            if let Some(disk) = &spec.disk {
+                cmd.arg("--drive")
+                    .arg(format!("path={},id=data", disk.display()));
+            }
         }
         Side::Peer => {
             // microvm has no i8042, so the guest's reboot goes through the triple-fault path
@@ -109,6 +115,14 @@ pub fn command(side: Side, inputs: &Inputs, spec: &GuestSpec) -> Result<Command>
                 .arg(&inputs.initrd)
                 .arg("-append")
                 .arg(format!("console=ttyS0 reboot=t {tail}"));
+            if let Some(disk) = &spec.disk {
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "id=data,file={},format=raw,if=none",
+                        disk.display()
+                    ))
+                    .args(["-device", "virtio-blk-device,drive=data"]);
+            }
         }
     }
     Ok(cmd)
@@ -121,6 +135,8 @@ pub struct VmRun<T> {
     pub ready: Duration,
     /// What the at-ready probe returned.
     pub probe: T,
+    /// The last console lines (what the guest command printed at the end).
+    pub console_tail: Vec<String>,
 }
 
 /// What the console reader thread saw.
@@ -286,7 +302,11 @@ pub fn run_vm<T>(
         );
     }
     let (ready, probe) = probe.context("no probe result")?;
-    Ok(VmRun { ready, probe })
+    Ok(VmRun {
+        ready,
+        probe,
+        console_tail: console.tail.into_iter().collect(),
+    })
 }
 
 #[cfg(test)]
@@ -387,6 +407,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             gi_cmd: Some("busybox sleep 5".into()),
+            disk: Some("/d.img".into()),
         };
         let args = |c: &Command| -> Vec<String> {
             c.get_args()
@@ -399,6 +420,11 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["--vcpus", "2"]), "{a:?}");
         assert!(a.windows(2).any(|w| w == ["--memory-mib", "128"]), "{a:?}");
         assert!(
+            a.windows(2)
+                .any(|w| w == ["--drive", "path=/d.img,id=data"]),
+            "{a:?}"
+        );
+        assert!(
             a.contains(&"console=ttyS0 reboot=k panic=-1 quiet gi.cmd=\"busybox sleep 5\"".into()),
             "{a:?}"
         );
@@ -406,6 +432,11 @@ mod tests {
         let a = args(&peer);
         assert!(a.windows(2).any(|w| w == ["-smp", "2"]), "{a:?}");
         assert!(a.windows(2).any(|w| w == ["-m", "128"]), "{a:?}");
+        assert!(
+            a.windows(2)
+                .any(|w| w == ["-device", "virtio-blk-device,drive=data"]),
+            "{a:?}"
+        );
         assert!(
             a.contains(&"console=ttyS0 reboot=t panic=-1 quiet gi.cmd=\"busybox sleep 5\"".into()),
             "{a:?}"

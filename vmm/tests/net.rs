@@ -43,6 +43,36 @@ impl Drop for Tap {
     }
 }
 
+/// Accepts one connection, or gives up after `limit` so a guest that never connects fails
+/// the test instead of hanging it.
+fn accept_within(
+    l: &TcpListener,
+    limit: std::time::Duration,
+    vm_done: &std::sync::atomic::AtomicBool,
+) -> Option<std::net::TcpStream> {
+    l.set_nonblocking(true).ok()?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ok()?;
+                s.set_read_timeout(Some(limit)).ok()?;
+                s.set_write_timeout(Some(limit)).ok()?;
+                return Some(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline
+                    || vm_done.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    return None;
+                }
+                thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 fn ip_param(guest: &str, host: &str, dev: &str) -> String {
     format!("ip={guest}::{host}:255.255.255.0::{dev}:off")
 }
@@ -91,20 +121,28 @@ fn ping_and_256_mib_tcp_both_ways() {
 
     // Host -> guest: the host serves the pattern on port 5000 and closes.
     let to_guest = TcpListener::bind("172.16.0.1:5000").unwrap();
+    let limit = std::time::Duration::from_secs(600);
+    let vm_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = vm_done.clone();
     let sender = thread::spawn(move || {
-        let (mut s, _) = to_guest.accept().unwrap();
-        s.write_all(&data).unwrap();
+        let mut s =
+            accept_within(&to_guest, limit, &done).ok_or("the guest never connected to 5000")?;
+        s.write_all(&data)
+            .map_err(|_| "sending to the guest failed")
     });
     // Guest -> host: the guest sends back what it received; the host reads exactly `len`
     // bytes on port 5001 and compares them with the pattern.
     let from_guest = TcpListener::bind("172.16.0.1:5001").unwrap();
     let expected = pattern(len);
+    let done = vm_done.clone();
     let receiver = thread::spawn(move || {
-        let (mut s, _) = from_guest.accept().unwrap();
+        let mut s =
+            accept_within(&from_guest, limit, &done).ok_or("the guest never connected to 5001")?;
         let mut buf = vec![0u8; len];
-        s.read_exact(&mut buf).unwrap();
+        s.read_exact(&mut buf)
+            .map_err(|_| "the guest sent fewer bytes than it received")?;
         drop(s);
-        buf == expected
+        Ok::<bool, &str>(buf == expected)
     });
 
     // Everything in the guest runs emulated in the test host: keep its own work small
@@ -121,8 +159,10 @@ fn ping_and_256_mib_tcp_both_ways() {
         .kernel_args(&ip_param("172.16.0.2", "172.16.0.1", "eth0"))
         .cmd(cmd)
         .run();
-    sender.join().unwrap();
-    let up_matches = receiver.join().unwrap();
+    // The VM has ended: anything still waiting for a connection gives up now.
+    vm_done.store(true, std::sync::atomic::Ordering::Release);
+    let sent = sender.join().unwrap();
+    let up = receiver.join().unwrap();
     assert_eq!(guest_value(&out, "PING"), "ok", "{}", out.output);
     assert_eq!(
         guest_value(&out, "DOWN"),
@@ -130,7 +170,13 @@ fn ping_and_256_mib_tcp_both_ways() {
         "host->guest checksum:\n{}",
         out.output
     );
-    assert!(up_matches, "guest->host bytes differ from what was sent");
+    assert_eq!(sent, Ok(()), "{}", out.output);
+    assert_eq!(
+        up,
+        Ok(true),
+        "guest->host bytes differ from what was sent:\n{}",
+        out.output
+    );
     assert_eq!(guest_exit_status(&out.output), Some(0), "{}", out.output);
 }
 

@@ -68,6 +68,44 @@ enum Probe {
     BootReady,
     /// Resident memory that is not guest RAM, 1 s after ready, in MiB.
     RssOverhead,
+    /// MiB/s of the guest's timed `dd` on its data disk: the command prints
+    /// `DD=<MiB> <uptime before> <uptime after>` (seconds from /proc/uptime).
+    DdMibs,
+}
+
+/// Size of the data disk each block workload gets.
+const DISK_MIB: u64 = 192;
+/// MiB the guest's dd moves (O_DIRECT, so the guest page cache is bypassed).
+const DD_MIB: u32 = 128;
+
+/// The guest command timing one dd over /dev/vda.
+fn dd_command(dd_args: &str) -> String {
+    format!(
+        "busybox sh -c 'a=$(cut -d\\  -f1 /proc/uptime); dd {dd_args} bs=1048576 count={DD_MIB} 2>/dev/null; \
+         b=$(cut -d\\  -f1 /proc/uptime); echo DD={DD_MIB} $a $b'"
+    )
+}
+
+/// MiB/s from the guest's `DD=<MiB> <t0> <t1>` line.
+fn parse_dd(lines: &[String]) -> Result<f64> {
+    let line = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("DD="))
+        .context("the guest printed no DD= line")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("unparsable DD={line}"))?;
+    let [mib, t0, t1] = v[..] else {
+        bail!("DD={line}: expected three numbers");
+    };
+    let secs = t1 - t0;
+    if secs <= 0.0 {
+        bail!("DD={line}: the copy took no measurable time");
+    }
+    Ok(mib / secs)
 }
 
 /// One measurable metric and how it is measured.
@@ -85,6 +123,14 @@ fn workloads() -> Result<Vec<Workload>> {
         vcpus,
         mem_mib: GUEST_MIB,
         gi_cmd: None,
+        disk: None,
+    };
+    // The disk path is filled in per run (a fresh file for each VM).
+    let blk = |dd_args: &str| GuestSpec {
+        vcpus: 1,
+        mem_mib: GUEST_MIB,
+        gi_cmd: Some(dd_command(dd_args)),
+        disk: Some(PathBuf::new()),
     };
     Ok(vec![
         Workload {
@@ -105,9 +151,22 @@ fn workloads() -> Result<Vec<Workload>> {
                 vcpus: 1,
                 mem_mib: GUEST_MIB,
                 gi_cmd: Some("busybox sleep 5".into()),
+                disk: None,
             },
             probe: Probe::RssOverhead,
             method: "total Rss minus the Rss of the 128 MiB guest RAM mapping (/proc/PID/smaps), 1 s after `guest-init: ready`; gi.cmd busybox sleep 5",
+        },
+        Workload {
+            def: def("blk_seq_read_mibs")?,
+            spec: blk("if=/dev/vda of=/dev/null iflag=direct"),
+            probe: Probe::DdMibs,
+            method: "guest dd of 128 MiB from /dev/vda, bs=1M, O_DIRECT, timed with /proc/uptime; raw 192 MiB file on the test host's tmpfs; 1 vCPU, 128 MiB",
+        },
+        Workload {
+            def: def("blk_seq_write_mibs")?,
+            spec: blk("if=/dev/zero of=/dev/vda oflag=direct"),
+            probe: Probe::DdMibs,
+            method: "guest dd of 128 MiB to /dev/vda, bs=1M, O_DIRECT, timed with /proc/uptime; raw 192 MiB file on the test host's tmpfs; 1 vCPU, 128 MiB",
         },
     ])
 }
@@ -287,8 +346,45 @@ struct Samples {
     first_error: Option<String>,
 }
 
+/// A data disk for one run: DISK_MIB of non-zero bytes, so reads are real reads on both
+/// sides. Removed on drop.
+struct ScratchDisk(PathBuf);
+
+impl ScratchDisk {
+    fn new(inputs: &Inputs, side: Side) -> Result<ScratchDisk> {
+        let dir = inputs
+            .kernel
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = dir.join(format!("disk-{}.img", side.as_str()));
+        let chunk: Vec<u8> = (0..1u32 << 20)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0) | 1)
+            .collect();
+        let mut f =
+            fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        for _ in 0..DISK_MIB {
+            std::io::Write::write_all(&mut f, &chunk)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(ScratchDisk(path))
+    }
+}
+
+impl Drop for ScratchDisk {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) -> Result<f64> {
-    let cmd = vm::command(side, inputs, &w.spec)?;
+    let mut spec = w.spec.clone();
+    let disk = match spec.disk {
+        Some(_) => Some(ScratchDisk::new(inputs, side)?),
+        None => None,
+    };
+    spec.disk = disk.as_ref().map(|d| d.0.clone());
+    let cmd = vm::command(side, inputs, &spec)?;
     let mem_mib = u64::from(w.spec.mem_mib);
     match w.probe {
         Probe::BootReady => {
@@ -301,6 +397,10 @@ fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) ->
                 smaps::overhead_of_pid(pid, mem_mib)
             })?;
             Ok(run.probe.overhead_mib())
+        }
+        Probe::DdMibs => {
+            let run = vm::run_vm(cmd, timeout, |_| Ok(()))?;
+            parse_dd(&run.console_tail)
         }
     }
 }
@@ -548,5 +648,23 @@ fn main() -> ExitCode {
             eprintln!("bench: error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod dd_tests {
+    use super::*;
+
+    #[test]
+    fn dd_line_parsing() {
+        let lines = vec![
+            "guest-init: ready".to_string(),
+            "DD=128 10.50 11.50".to_string(),
+        ];
+        assert_eq!(parse_dd(&lines).unwrap(), 128.0);
+        assert!(parse_dd(&["DD=128 10.5 10.5".to_string()]).is_err());
+        assert!(parse_dd(&["DD=128 x 1".to_string()]).is_err());
+        assert!(parse_dd(&["nothing".to_string()]).is_err());
+        assert!(!dd_command("if=/dev/vda of=/dev/null").contains('"'));
     }
 }
