@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(rss["note"], "not run: left out by --only");
         let blk = &metrics["blk_randread_iops"];
         assert!(blk["ours"].is_null() && blk["ratio"].is_null());
-        assert!(blk["note"].as_str().unwrap().starts_with("n/a: the guest image"));
+        assert!(blk["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("n/a: the guest image"));
         // Catalog order, not alphabetical: the text lists boot before api.
         let text = report.to_json();
         assert!(text.find("boot_ready_ms_2vcpu").unwrap() < text.find("api_ready_ms").unwrap());
