@@ -157,6 +157,7 @@ fn ping_and_256_mib_tcp_both_ways() {
         .timeout(std::time::Duration::from_secs(900))
         .args(&["--net", &format!("tap={},mac=06:00:ac:10:00:02", tap.name)])
         .kernel_args(&ip_param("172.16.0.2", "172.16.0.1", "eth0"))
+        .kernel_args("loglevel=7")
         .cmd(cmd)
         .run();
     // The VM has ended: anything still waiting for a connection gives up now.
