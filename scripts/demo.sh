@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boots the demo VM: the project's guest kernel with guest-init in an initramfs, printing
+# Boots the demo VM with `vmm`: the project's guest kernel with guest-init in an initramfs, printing
 # guest-init's summary of the machine it sees, then powering off.
 # Where this machine's /dev/kvm can boot Linux, the VM runs here; where it cannot (kvm-pvm),
 # the demo says so and runs inside the KVM test host (tests/testhost/run).
@@ -7,9 +7,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 g=target/guest
-demo_cmd=(qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off -enable-kvm -cpu host
-    -smp 2 -m 256 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -monitor none
-    -kernel "$g/vmlinux" -initrd "$g/initramfs.cpio" -append "console=ttyS0 reboot=t panic=-1 quiet")
+demo_cmd=(target/release/vmm --kernel "$g/vmlinux" --initrd "$g/initramfs.cpio" --vcpus 2
+    --memory-mib 256 --boot-timer --cmdline "console=ttyS0 reboot=k panic=-1 quiet")
 if [[ -e /sys/module/kvm_amd || -e /sys/module/kvm_intel ]] && [[ ! -e /sys/module/kvm_pvm ]]; then
     echo "demo: booting on this machine's KVM"
     exec "${demo_cmd[@]}"
