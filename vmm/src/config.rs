@@ -161,6 +161,9 @@ pub struct DriveConfig {
 
 /// Longest drive id: virtio-blk's GET_ID answer is 20 bytes.
 pub const MAX_DRIVE_ID_LEN: usize = 20;
+/// Largest guest RAM accepted whatever the host says (1 TiB), so sizes in bytes never
+/// overflow even if the host's RAM cannot be read.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Interrupt lines for virtio devices: IOAPIC pins 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
@@ -422,11 +425,11 @@ impl VmConfig {
         if m.mem_size_mib == 0 {
             return Err(invalid("machine-config.mem_size_mib", "must be at least 1"));
         }
-        if m.mem_size_mib > host_mem_mib {
+        if m.mem_size_mib > host_mem_mib.min(MAX_MEM_MIB) {
             return Err(invalid(
                 "machine-config.mem_size_mib",
                 format!(
-                    "{} MiB is more than this host's {host_mem_mib} MiB of RAM",
+                    "{} MiB is more than this host's {host_mem_mib} MiB of RAM (or the {MAX_MEM_MIB} MiB limit)",
                     m.mem_size_mib
                 ),
             ));
@@ -677,6 +680,10 @@ mod tests {
             assert!(e.contains(field), "{field}: {e}");
         }
         valid().validate(4096).unwrap();
+        // An unreadable host size (u64::MAX) still cannot let a byte count overflow.
+        let mut c = valid();
+        c.machine.mem_size_mib = u64::MAX >> 10;
+        assert!(c.validate(u64::MAX).is_err());
         let mut c = valid();
         c.machine.vcpu_count = 254;
         c.validate(4096).unwrap();
