@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Builds the guest side: the static guest-init binary, an initramfs (newc cpio) and an ext4
-# root filesystem image, both holding guest-init and Debian's static busybox.
+# Builds the guest side: the static guest-init and gtool binaries, an initramfs (newc cpio)
+# and an ext4 root filesystem image, both holding guest-init, gtool and Debian's static
+# busybox.
 #
 # Outputs (all under target/guest/):
 #   guest-init        static PID 1 (gnu target, +crt-static)
-#   initramfs.cpio    /init = guest-init, /bin/busybox and its applet links, /dev/console
-#   rootfs.ext4       /sbin/init = guest-init, the same busybox; 64 MiB, made with
-#                     `mkfs.ext4 -d` (no root or loop device needed)
+#   gtool             static test/bench helper run inside the guest (crate guest-tools)
+#   initramfs.cpio    /init = guest-init, /bin/gtool, /bin/busybox and its applet links,
+#                     /dev/console
+#   rootfs.ext4       /sbin/init = guest-init, /bin/gtool, the same busybox; 64 MiB, made
+#                     with `mkfs.ext4 -d` (no root or loop device needed)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out="$repo/target/guest"
@@ -14,14 +17,16 @@ mkdir -p "$out"
 busybox=/bin/busybox
 [[ -x $busybox ]] || { echo "build-images: $busybox missing; install busybox-static (scripts/setup.sh does)" >&2; exit 1; }
 
-echo "images: building static guest-init"
+echo "images: building static guest-init and gtool"
 ( cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --release -p guest-init --target x86_64-unknown-linux-gnu )
-install -m 0755 "$repo/target/x86_64-unknown-linux-gnu/release/guest-init" "$out/guest-init"
-if readelf -d "$out/guest-init" | grep -q NEEDED; then
-    echo "build-images: guest-init is dynamically linked; it must be static" >&2
-    exit 1
-fi
+    cargo build --quiet --release -p guest-init -p guest-tools --target x86_64-unknown-linux-gnu )
+for bin in guest-init gtool; do
+    install -m 0755 "$repo/target/x86_64-unknown-linux-gnu/release/$bin" "$out/$bin"
+    if readelf -d "$out/$bin" | grep -q NEEDED; then
+        echo "build-images: $bin is dynamically linked; it must be static" >&2
+        exit 1
+    fi
+done
 
 applets=$("$busybox" --list | grep -vx busybox)
 
@@ -32,6 +37,7 @@ spec="$out/initramfs.spec"
     echo "nod /dev/console 0600 c 5 1"
     for d in bin sbin proc sys tmp etc root; do echo "dir /$d 0755"; done
     echo "file /init $out/guest-init 0755"
+    echo "file /bin/gtool $out/gtool 0755"
     echo "file /bin/busybox $busybox 0755"
     for a in $applets; do echo "slink /bin/$a busybox"; done
 } >"$spec"
@@ -43,6 +49,7 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root,mnt}
 install -m 0755 "$out/guest-init" "$root/sbin/init"
+install -m 0755 "$out/gtool" "$root/bin/gtool"
 install -m 0755 "$busybox" "$root/bin/busybox"
 for a in $applets; do ln -sf busybox "$root/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"

@@ -4,7 +4,9 @@
 #   2. format and lint gates,
 #   3. host tests: unit tests and tiny-guest KVM tests on this machine's /dev/kvm; the
 #      real-guest tests show as "ignored" here because they need a genuine KVM,
-#   4. the real-guest tests, run with --ignored inside the KVM test host (one boot for all).
+#   4. the real-guest tests, run with --ignored inside the KVM test host (one boot for all),
+#   5. the benchmark harness in --quick mode: every workload once on both sides; it fails
+#      only when a workload breaks, never on timings (benches/README.md).
 # Exits non-zero if any step or test fails.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,5 +53,8 @@ if [[ $rc -ne 0 ]]; then
     echo "test: real-guest tests failed (status $rc)" >&2
     exit "$rc"
 fi
+
+step "benchmark harness --quick"
+./scripts/bench.sh --quick
 
 step "all tests passed"

@@ -44,12 +44,35 @@ pub struct GuestSpec {
     pub gi_cmd: Option<String>,
     /// A raw data disk attached as the guest's first virtio-blk device (/dev/vda).
     pub disk: Option<PathBuf>,
+    /// A virtio-net device on a host tap, configured by the kernel's `ip=`.
+    pub net: Option<NetSpec>,
+    /// A vsock device (CID 3) with this host socket; ours only (qemu's needs vhost-vsock).
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// The guest's network: one NIC on an existing host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The host tap (created by the harness, with `host_ip` on it).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// The guest's IPv4 address (/24).
+    pub guest_ip: String,
+    /// The host end's IPv4 address.
+    pub host_ip: String,
 }
 
 impl GuestSpec {
     /// The kernel command line after the console and reboot arguments.
     fn cmdline_tail(&self) -> Result<String> {
         let mut s = String::from("panic=-1 quiet");
+        if let Some(n) = &self.net {
+            s.push_str(&format!(
+                " ip={}::{}:255.255.255.0::eth0:off",
+                n.guest_ip, n.host_ip
+            ));
+        }
         if let Some(cmd) = &self.gi_cmd {
             if cmd.contains('"') {
                 bail!("gi.cmd {cmd:?} has a double quote, which would end the kernel's quoting");
@@ -98,6 +121,13 @@ pub fn command(side: Side, inputs: &Inputs, spec: &GuestSpec) -> Result<Command>
                 cmd.arg("--drive")
                     .arg(format!("path={},id=data", disk.display()));
             }
+            if let Some(n) = &spec.net {
+                cmd.arg("--net").arg(format!("tap={},mac={}", n.tap, n.mac));
+            }
+            if let Some(uds) = &spec.vsock_uds {
+                cmd.arg("--vsock")
+                    .arg(format!("cid=3,uds={}", uds.display()));
+            }
         }
         Side::Peer => {
             // microvm has no i8042, so the guest's reboot goes through the triple-fault path
@@ -122,6 +152,18 @@ pub fn command(side: Side, inputs: &Inputs, spec: &GuestSpec) -> Result<Command>
                         disk.display()
                     ))
                     .args(["-device", "virtio-blk-device,drive=data"]);
+            }
+            if let Some(n) = &spec.net {
+                cmd.arg("-netdev")
+                    .arg(format!(
+                        "tap,id=n0,ifname={},script=no,downscript=no",
+                        n.tap
+                    ))
+                    .arg("-device")
+                    .arg(format!("virtio-net-device,netdev=n0,mac={}", n.mac));
+            }
+            if spec.vsock_uds.is_some() {
+                bail!("qemu microvm's vsock needs vhost-vsock, which the test host lacks");
             }
         }
     }
@@ -408,6 +450,13 @@ mod tests {
             mem_mib: 128,
             gi_cmd: Some("busybox sleep 5".into()),
             disk: Some("/d.img".into()),
+            net: Some(NetSpec {
+                tap: "t0".into(),
+                mac: "06:00:00:00:00:02".into(),
+                guest_ip: "10.9.0.2".into(),
+                host_ip: "10.9.0.1".into(),
+            }),
+            vsock_uds: None,
         };
         let args = |c: &Command| -> Vec<String> {
             c.get_args()
@@ -425,7 +474,15 @@ mod tests {
             "{a:?}"
         );
         assert!(
-            a.contains(&"console=ttyS0 reboot=k panic=-1 quiet gi.cmd=\"busybox sleep 5\"".into()),
+            a.windows(2)
+                .any(|w| w == ["--net", "tap=t0,mac=06:00:00:00:00:02"]),
+            "{a:?}"
+        );
+        let ip = "ip=10.9.0.2::10.9.0.1:255.255.255.0::eth0:off";
+        assert!(
+            a.contains(&format!(
+                "console=ttyS0 reboot=k panic=-1 quiet {ip} gi.cmd=\"busybox sleep 5\""
+            )),
             "{a:?}"
         );
         let peer = command(Side::Peer, &inputs, &spec).unwrap();
@@ -438,7 +495,27 @@ mod tests {
             "{a:?}"
         );
         assert!(
-            a.contains(&"console=ttyS0 reboot=t panic=-1 quiet gi.cmd=\"busybox sleep 5\"".into()),
+            a.windows(2).any(|w| w
+                == [
+                    "-device",
+                    "virtio-net-device,netdev=n0,mac=06:00:00:00:00:02"
+                ]),
+            "{a:?}"
+        );
+        assert!(
+            a.contains(&format!(
+                "console=ttyS0 reboot=t panic=-1 quiet {ip} gi.cmd=\"busybox sleep 5\""
+            )),
+            "{a:?}"
+        );
+        let with_vsock = GuestSpec {
+            vsock_uds: Some("/v.sock".into()),
+            ..spec.clone()
+        };
+        assert!(command(Side::Peer, &inputs, &with_vsock).is_err());
+        let a = args(&command(Side::Ours, &inputs, &with_vsock).unwrap());
+        assert!(
+            a.windows(2).any(|w| w == ["--vsock", "cid=3,uds=/v.sock"]),
             "{a:?}"
         );
         let quoted = GuestSpec {

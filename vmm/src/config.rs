@@ -409,6 +409,13 @@ impl VmConfig {
     /// Checks what can be checked without KVM: counts, sizes, and that files exist and are
     /// readable. `host_mem_mib` is the host's RAM, the upper bound for guest memory.
     pub fn validate(&self, host_mem_mib: u64) -> Result<(), ConfigError> {
+        self.validate_machine(host_mem_mib)?;
+        self.validate_boot_source()?;
+        self.validate_devices()
+    }
+
+    /// `machine-config` alone (the API checks each section as it is set).
+    pub fn validate_machine(&self, host_mem_mib: u64) -> Result<(), ConfigError> {
         let m = &self.machine;
         if m.vcpu_count == 0 || m.vcpu_count > u16::from(MAX_CPUS) {
             return Err(invalid(
@@ -434,6 +441,11 @@ impl VmConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// `boot-source` alone: the kernel and initrd are readable files, the command line fits.
+    pub fn validate_boot_source(&self) -> Result<(), ConfigError> {
         let kernel = &self.boot_source.kernel_image_path;
         if kernel.as_os_str().is_empty() {
             return Err(invalid("boot-source.kernel_image_path", "no kernel given"));
@@ -442,7 +454,6 @@ impl VmConfig {
         if let Some(initrd) = &self.boot_source.initrd_path {
             check_readable("boot-source.initrd_path", initrd)?;
         }
-        self.validate_drives()?;
         let args = self.boot_args();
         if args.len() >= CMDLINE_MAX_SIZE {
             return Err(invalid(
@@ -459,7 +470,8 @@ impl VmConfig {
 }
 
 impl VmConfig {
-    fn validate_drives(&self) -> Result<(), ConfigError> {
+    /// The devices alone: `drives`, `network-interfaces`, `vsock` and their count.
+    pub fn validate_devices(&self) -> Result<(), ConfigError> {
         let devices = self.drives.len()
             + usize::from(self.entropy)
             + self.net.len()

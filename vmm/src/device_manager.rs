@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use devices::virtio::VirtioDevice;
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
@@ -93,6 +93,8 @@ pub struct DeviceManager {
     pub mmio: Bus,
     /// Devices attached so far, in order.
     pub attached: Vec<AttachedDevice>,
+    /// Their subscriptions in the event loop, so a failed build can take them back.
+    pub subscribers: Vec<SubscriberId>,
 }
 
 impl DeviceManager {
@@ -165,7 +167,8 @@ impl DeviceManager {
             })?;
         append_cmdline(cmdline, &format!("virtio_mmio.device=4K@{base:#x}:{irq}"))?;
         let as_subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>> = device;
-        event_loop.add_subscriber(as_subscriber);
+        self.subscribers
+            .push(event_loop.add_subscriber(as_subscriber));
         let a = AttachedDevice {
             name: name.into(),
             base,
@@ -173,5 +176,13 @@ impl DeviceManager {
         };
         self.attached.push(a.clone());
         Ok(a)
+    }
+
+    /// Takes every attached device off `event_loop` (when building the VM failed half way).
+    pub fn unsubscribe_all(&mut self, event_loop: &mut EventLoop) {
+        for id in self.subscribers.drain(..) {
+            // InvalidId cannot happen: the ids came from this event loop.
+            let _ = event_loop.remove_subscriber(id);
+        }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use vmm::config::{host_mem_mib, ConsoleTarget, HugePages, VmConfig};
-use vmm::runtime::{self, EndReason};
+use vmm::runtime::{self, EndReason, RunOutcome, Vmm};
 
 /// Boots a Linux kernel directly on KVM: no firmware, no PCI, no ACPI.
 ///
@@ -21,9 +21,14 @@ use vmm::runtime::{self, EndReason};
 /// (status 1, with the reason on stderr). guest-init reports its command's exit status on
 /// the status port; --exit-with-guest-status makes it the VMM's own status.
 ///
-/// Example:
+/// With --api-sock the VMM also serves its control API there (REST over a unix socket,
+/// shaped like Firecracker's; see README, "Control API"): pause/resume, metrics, and,
+/// without --kernel or --config, the VM's configuration and start.
+///
+/// Examples:
 ///   vmm --kernel vmlinux --initrd initramfs.cpio --vcpus 2 --memory-mib 256 \
 ///       --cmdline "console=ttyS0 reboot=k panic=-1 gi.cmd=\"busybox uname -a\""
+///   vmm --api-sock /tmp/vmm.sock --console /tmp/console.log
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, verbatim_doc_comment)]
 struct Cli {
@@ -93,6 +98,16 @@ struct Cli {
     /// port) instead of 0 when the guest ends normally.
     #[arg(long)]
     exit_with_guest_status: bool,
+
+    /// Serve the control API on this unix socket (created mode 0600, removed at exit) for
+    /// the VMM's whole life. With --kernel or --config the VM boots at once and the API
+    /// controls it (pause/resume, metrics); without, the VMM waits: configure the VM with
+    /// PUT /boot-source, /machine-config, /drives/ID, /network-interfaces/ID, /vsock,
+    /// /entropy, then PUT /actions {"action_type": "InstanceStart"}. Other flags given set
+    /// the starting configuration (e.g. --console). A stale socket file is replaced; one a
+    /// live process listens on is refused.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
@@ -134,25 +149,50 @@ fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
     if cli.no_rng {
         cfg.entropy = false;
     }
-    if cfg.boot_source.kernel_image_path.as_os_str().is_empty() {
-        anyhow::bail!("no kernel given: pass --kernel PATH or a --config file with boot-source.kernel_image_path");
-    }
-    cfg.validate(host_mem_mib())?;
     Ok(cfg)
+}
+
+fn has_kernel(cfg: &VmConfig) -> bool {
+    !cfg.boot_source.kernel_image_path.as_os_str().is_empty()
+}
+
+fn vm_context(cfg: &VmConfig) -> String {
+    format!(
+        "VM with kernel {}",
+        cfg.boot_source.kernel_image_path.display()
+    )
+}
+
+/// Runs the VM the flags describe, to its end.
+fn run(cli: &Cli, start: Instant) -> anyhow::Result<RunOutcome> {
+    let cfg = build_config(cli)?;
+    let Some(sock) = &cli.api_sock else {
+        if !has_kernel(&cfg) {
+            anyhow::bail!("no kernel given: pass --kernel PATH or a --config file with boot-source.kernel_image_path (or --api-sock to configure the VM over the API)");
+        }
+        cfg.validate(host_mem_mib())?;
+        return runtime::run(&cfg, start).with_context(|| vm_context(&cfg));
+    };
+    let boot_now = has_kernel(&cfg);
+    if boot_now {
+        cfg.validate(host_mem_mib())?;
+    } else {
+        // The boot source comes over the API; what was given already must hold.
+        cfg.validate_machine(host_mem_mib())?;
+        cfg.validate_devices()?;
+    }
+    let context = vm_context(&cfg);
+    let mut vmm = Vmm::new(cfg, start, Some(sock))?;
+    if boot_now {
+        vmm.start_vm(start).with_context(|| context.clone())?;
+    }
+    vmm.serve().with_context(|| context)
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
-    let result = build_config(&cli).and_then(|cfg| {
-        runtime::run(&cfg, start).with_context(|| {
-            format!(
-                "VM with kernel {}",
-                cfg.boot_source.kernel_image_path.display()
-            )
-        })
-    });
-    let outcome = match result {
+    let outcome = match run(&cli, start) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e:#}");

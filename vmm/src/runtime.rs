@@ -1,44 +1,50 @@
-//! Builds a VM from a [`VmConfig`] and runs it to its end.
+//! The VMM: owns one VM from its configuration to its end, and runs the control loop.
 //!
-//! Order (DESIGN.md, "Boot"): open KVM and create the VM with its irqchip and PIT; map guest
-//! memory; attach the legacy devices; load the kernel, initrd and command line; write the
-//! MP table; configure the vCPUs; start one thread per vCPU; then serve the control loop
-//! (guest reset, signals, console input) on this thread until the VM ends.
+//! [`Vmm`] has three states: *Not started* (the configuration can still change, from the
+//! command line or the API), *Running* and *Paused*. [`Vmm::start_vm`] builds the VM
+//! (`build`) and starts one thread per vCPU (`crate::vstate::vcpu_thread`);
+//! [`Vmm::serve`] runs the control loop on the calling thread until the VM ends, then stops
+//! and joins the vCPU threads before guest memory goes away.
+//!
+//! The loop. One event-manager `EventManager` holds the device subscribers (virtio devices,
+//! console input) and the [`control::Control`] subscriber (VM end, signals, API wake-ups).
+//! While the VM runs, the loop polls it all. While paused, it polls only Control's fds,
+//! through a second epoll set: devices then do nothing, and their pending events (still
+//! readable fds, or edge-triggered events queued in the first set) are handled after resume.
+//! event-manager 0.4 does not expose its epoll fd, so the device set cannot be nested in a
+//! control set; a second set over Control's three fds does the same job. Subscribers only
+//! record what happened; the loop acts on it with the whole `Vmm` at hand.
+//!
+//! The API (crate::api) runs on its own thread and hands requests over a channel plus an
+//! eventfd; they are handled here, on the loop's thread (`actions`), so the API thread never
+//! touches KVM or a device.
 
-use std::fs::OpenOptions;
-use std::io::IsTerminal;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicBool;
+mod actions;
+mod build;
+mod control;
+
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use devices::bus::Bus;
-use devices::legacy::{
-    ConsoleOutput, SerialConsole, StatusEvent, StatusPort, I8042, SERIAL_PORT_BASE,
-    SERIAL_PORT_LEN, STATUS_PORT_BASE, STATUS_PORT_LEN,
-};
-use devices::virtio::block::Block;
-use devices::virtio::net::Net;
-use devices::virtio::rng::Rng;
-use devices::virtio::vsock::Vsock;
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, SubscriberOps};
+use kvm_bindings::kvm_clock_data;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{ram_regions, MPTABLE_ADDR};
-use crate::arch::mptable;
-use crate::boot::{self, append_cmdline, make_cmdline};
-use crate::config::{ConsoleTarget, HugePages, VmConfig};
-use crate::device_manager::{DeviceManager, EventLoop};
-use crate::vstate::vcpu::{Vcpu, VcpuExitReason, VcpuIo};
-use crate::vstate::vm::Vm;
+use crate::api::{ApiRequest, ApiServer, InstanceInfo};
+use crate::config::VmConfig;
+use crate::device_manager::EventLoop;
+use crate::vstate::vcpu::VcpuExitReason;
+use crate::vstate::vcpu_thread::VcpuSet;
+use build::{BootZero, GuestVm};
+use control::{ConsoleInput, Control};
 
-/// The serial port's interrupt line (COM1).
-const SERIAL_IRQ: u32 = 4;
+/// How long the vCPUs get to stop and be joined when the VM ends.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +55,12 @@ pub enum VmmError {
     /// vCPU setup.
     #[error(transparent)]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// vCPU threads.
+    #[error(transparent)]
+    VcpuThread(#[from] crate::vstate::vcpu_thread::VcpuThreadError),
     /// Kernel, initrd or command line.
     #[error(transparent)]
-    Boot(#[from] boot::BootError),
+    Boot(#[from] crate::boot::BootError),
     /// Guest memory could not be mapped.
     #[error("cannot map {mib} MiB of guest memory{hint}")]
     Memory {
@@ -99,6 +108,12 @@ pub enum VmmError {
     /// A configuration value was refused while building.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The API socket cannot be served.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiServerError),
+    /// The VM was already started.
+    #[error("the VM is already started")]
+    AlreadyStarted,
     /// Another host resource (eventfd, signalfd, thread, epoll) failed.
     #[error("{0}")]
     Host(String),
@@ -130,332 +145,309 @@ pub struct RunOutcome {
     pub reason: EndReason,
     /// The command's exit status reported on the status port.
     pub guest_status: Option<u8>,
-    /// Milliseconds from VMM start to guest-init's ready mark.
+    /// Milliseconds from the boot timer's zero to guest-init's ready mark.
     pub boot_ready_ms: Option<f64>,
 }
 
-#[derive(Default)]
-struct GuestReport {
-    status: Option<u8>,
-    ready_ms: Option<f64>,
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Not built yet: the configuration can change.
+    NotStarted,
+    /// vCPUs run.
+    Running,
+    /// Every vCPU is parked and devices are not polled.
+    Paused,
 }
 
-fn guest_memory(cfg: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
-    let mib = cfg.machine.mem_size_mib;
-    let bytes = mib << 20;
-    let ranges = ram_regions(bytes);
-    let hint = match cfg.machine.huge_pages {
-        HugePages::None => "",
-        HugePages::Huge2M => " (huge_pages 2M: reserve pages in /proc/sys/vm/nr_hugepages)",
-    };
-    let err = |source| VmmError::Memory { mib, hint, source };
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    if cfg.machine.huge_pages == HugePages::Huge2M {
-        flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
-    }
-    let mut regions = Vec::new();
-    for (start, size) in ranges {
-        let len = usize::try_from(size).map_err(|_| err(std::io::Error::other("size")))?;
-        let mapping = MmapRegion::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)
-            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
-            .ok_or_else(|| err(std::io::Error::other("region overflows the address space")))?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| err(std::io::Error::other(e.to_string())))
-}
-
-fn console_output(target: &ConsoleTarget) -> Result<(ConsoleOutput, bool), VmmError> {
-    Ok(match target {
-        ConsoleTarget::Stdout => {
-            let tty = std::io::stdout().is_terminal();
-            (ConsoleOutput::new(Box::new(std::io::stdout()), tty), true)
+impl VmState {
+    /// The name `GET /` reports (Firecracker's).
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::NotStarted => InstanceInfo::NOT_STARTED,
+            VmState::Running => InstanceInfo::RUNNING,
+            VmState::Paused => InstanceInfo::PAUSED,
         }
-        ConsoleTarget::File(path) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmmError::Console {
-                    path: path.clone(),
-                    source,
-                })?;
-            (ConsoleOutput::new(Box::new(f), false), false)
-        }
-        ConsoleTarget::None => (ConsoleOutput::discard(), false),
-    })
+    }
 }
 
-/// The control loop's one subscriber: VM end events, signals, and console input.
-struct Control {
+/// The API server and the end of its request channel.
+struct ApiLink {
+    rx: Receiver<ApiRequest>,
+    /// Kept for its Drop, which stops the API thread and removes the socket.
+    _server: ApiServer,
+}
+
+/// A started VM: what was built, and its running vCPU threads.
+struct Instance {
+    vcpus: VcpuSet,
+    guest: GuestVm,
+    /// kvmclock read at pause, written back at resume.
+    saved_clock: Option<kvm_clock_data>,
+    /// The vCPU threads have been stopped (and joined, or given up on).
+    stopped: bool,
+}
+
+impl Instance {
+    /// Stops and joins the vCPU threads. If one does not end (it would be stuck outside
+    /// KVM_RUN, since kicks end that), it may still touch guest memory: the mapping is then
+    /// leaked, kept for the rest of the process, which is about to exit anyway.
+    fn stop_vcpus(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if !self.vcpus.stop(STOP_TIMEOUT) {
+            eprintln!(
+                "vmm: warning: a vCPU thread did not stop within {STOP_TIMEOUT:?}; leaving it"
+            );
+            std::mem::forget(self.guest.mem.clone());
+        }
+    }
+
+    /// Stops the vCPUs, flushes the console, and returns what guest-init reported
+    /// (status, ready time).
+    fn shutdown(mut self) -> (Option<u8>, Option<f64>) {
+        self.stop_vcpus();
+        let _ = self.guest.serial.lock().map(|mut s| s.flush());
+        let r = self.guest.report.lock().unwrap_or_else(|e| e.into_inner());
+        (r.status, r.ready_ms)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Error paths: guest memory must not be unmapped under running vCPUs.
+        self.stop_vcpus();
+    }
+}
+
+/// The VMM for one VM.
+pub struct Vmm {
+    /// First, so that on any path the vCPU threads stop before the rest is dropped.
+    instance: Option<Instance>,
+    config: VmConfig,
+    /// When the VMM process started (uptime, and the boot timer's zero on the CLI path).
+    start: Instant,
+    state: VmState,
+    em: EventLoop,
+    control: Arc<Mutex<Control>>,
+    /// Control's fds alone, polled while paused.
+    paused_epoll: Epoll,
     exit_evt: EventFd,
-    signals: SignalFd,
-    stdin: Option<RawFd>,
-    serial: Arc<Mutex<SerialConsole>>,
-    vcpu_rx: Receiver<(u8, VcpuExitReason)>,
-    end: Option<EndReason>,
+    api: Option<ApiLink>,
+    api_requests: u64,
 }
 
-impl Control {
-    fn on_exit_evt(&mut self) {
-        let _ = self.exit_evt.read();
-        // A vCPU's report wins over a bare reset event: it carries the reason.
-        if let Ok((id, reason)) = self.vcpu_rx.try_recv() {
-            self.end = Some(match reason {
+impl Vmm {
+    /// A VMM for `config`, not started. `start` is when the process started. With
+    /// `api_sock`, serves the API there from now until the VMM is dropped.
+    ///
+    /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (they are read from a
+    /// signalfd), so call it before starting other threads: they inherit the mask.
+    pub fn new(config: VmConfig, start: Instant, api_sock: Option<&Path>) -> Result<Vmm, VmmError> {
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block().map_err(host("blocking signals"))?;
+        let signals = SignalFd::new(&mask).map_err(host("signalfd"))?;
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let (api, api_wake) = match api_sock {
+            Some(path) => {
+                let (tx, rx) = channel();
+                let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+                let server =
+                    ApiServer::start(path, tx, wake.try_clone().map_err(host("eventfd"))?)?;
+                (
+                    Some(ApiLink {
+                        rx,
+                        _server: server,
+                    }),
+                    Some(wake),
+                )
+            }
+            None => (None, None),
+        };
+        let control = Control::new(
+            exit_evt.try_clone().map_err(host("eventfd"))?,
+            signals,
+            api_wake,
+        );
+        let paused_epoll = Epoll::new().map_err(host("epoll"))?;
+        for fd in control.fds() {
+            let fd_data = u64::try_from(fd).map_err(host("epoll"))?;
+            paused_epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, fd_data),
+                )
+                .map_err(host("epoll"))?;
+        }
+        let control = Arc::new(Mutex::new(control));
+        let mut em: EventLoop = EventManager::new().map_err(host("epoll"))?;
+        em.add_subscriber(control.clone());
+        Ok(Vmm {
+            instance: None,
+            config,
+            start,
+            state: VmState::NotStarted,
+            em,
+            control,
+            paused_epoll,
+            exit_evt,
+            api,
+            api_requests: 0,
+        })
+    }
+
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The configuration (as built, once started).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Validates the configuration, builds the VM and starts its vCPUs. `boot_zero` is the
+    /// boot timer's zero. On error nothing is left behind and the VMM stays not started.
+    pub fn start_vm(&mut self, boot_zero: Instant) -> Result<(), VmmError> {
+        if self.state != VmState::NotStarted {
+            return Err(VmmError::AlreadyStarted);
+        }
+        self.config.validate(crate::config::host_mem_mib())?;
+        let zero = BootZero {
+            at: boot_zero,
+            name: if boot_zero == self.start {
+                "VMM start"
+            } else {
+                "InstanceStart"
+            },
+        };
+        let mut guest = build::build(&self.config, &mut self.em, &self.exit_evt, zero)?;
+        let vcpus =
+            match VcpuSet::start(std::mem::take(&mut guest.vcpus), &guest.io, &self.exit_evt) {
+                Ok(v) => v,
+                Err(e) => {
+                    for id in guest.subscribers.drain(..) {
+                        let _ = self.em.remove_subscriber(id);
+                    }
+                    return Err(e.into());
+                }
+            };
+        if guest.console_on_stdout {
+            let input = ConsoleInput::new(guest.serial.clone());
+            self.em.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        self.instance = Some(Instance {
+            vcpus,
+            guest,
+            saved_clock: None,
+            stopped: false,
+        });
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Runs the control loop until the VM ends (or, before start, until a signal), then
+    /// stops the vCPUs and returns how it ended.
+    pub fn serve(mut self) -> Result<RunOutcome, VmmError> {
+        let reason = loop {
+            if self.state == VmState::Paused {
+                self.wait_paused()?;
+            } else {
+                self.em.run().map_err(host("event loop"))?;
+            }
+            if let Some(end) = self.after_events() {
+                break end;
+            }
+        };
+        let (guest_status, boot_ready_ms) = match self.instance.take() {
+            Some(instance) => instance.shutdown(),
+            None => (None, None),
+        };
+        Ok(RunOutcome {
+            reason,
+            guest_status,
+            boot_ready_ms,
+        })
+    }
+
+    /// While paused: waits on Control's fds only.
+    fn wait_paused(&mut self) -> Result<(), VmmError> {
+        let mut ready = [EpollEvent::default(); 4];
+        let n = match self.paused_epoll.wait(-1, &mut ready) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(VmmError::Host(format!("epoll while paused: {e}"))),
+        };
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in ready.iter().take(n) {
+            control.on_ready(ev.fd());
+        }
+        Ok(())
+    }
+
+    /// Acts on what the subscribers recorded. Returns the end reason once the VM is over.
+    fn after_events(&mut self) -> Option<EndReason> {
+        let (signal, vm_event, api_pending) = {
+            let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                c.signal.take(),
+                std::mem::take(&mut c.vm_event),
+                std::mem::take(&mut c.api_pending),
+            )
+        };
+        if let Some(sig) = signal {
+            return Some(EndReason::Signal(sig));
+        }
+        if vm_event {
+            return Some(self.vm_end_reason());
+        }
+        if api_pending {
+            self.serve_api();
+        }
+        None
+    }
+
+    /// Why the VM-end eventfd fired: a vCPU's report wins, as it carries the reason; with
+    /// none, it was the i8042 reset line.
+    fn vm_end_reason(&mut self) -> EndReason {
+        let exit = self.instance.as_mut().and_then(|i| i.vcpus.take_exit());
+        match exit {
+            Some((id, reason)) => match reason {
                 VcpuExitReason::Reset | VcpuExitReason::Halted | VcpuExitReason::Stopped => {
                     EndReason::GuestReset
                 }
                 VcpuExitReason::Shutdown => EndReason::GuestShutdown,
                 VcpuExitReason::Crash => EndReason::GuestCrash,
                 VcpuExitReason::Failed(msg) => EndReason::VcpuFailed(format!("vCPU {id}: {msg}")),
-            });
-        } else {
-            // The i8042 reset line.
-            self.end = Some(EndReason::GuestReset);
+            },
+            None => EndReason::GuestReset,
         }
     }
 
-    fn on_stdin(&mut self, ops: &mut EventOps) {
-        let Some(fd) = self.stdin else { return };
-        let mut buf = [0u8; 64];
-        // SAFETY: reading into a stack buffer of the given length from our own stdin fd.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            // EOF or error: stop watching stdin, the guest keeps running.
-            let _ = ops.remove(Events::empty_raw(fd));
-            self.stdin = None;
-            return;
-        }
-        let n = usize::try_from(n).unwrap_or(0);
-        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        // Input beyond the UART's FIFO is dropped, as a real UART would.
-        serial.enqueue_input(&buf[..n]);
-    }
-}
-
-impl MutEventSubscriber for Control {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.exit_evt.as_raw_fd() {
-            self.on_exit_evt();
-        } else if fd == self.signals.as_raw_fd() {
-            if let Ok(Some(info)) = self.signals.read_signal() {
-                self.end = Some(EndReason::Signal(
-                    i32::try_from(info.ssi_signo).unwrap_or(0),
-                ));
-            }
-        } else if Some(fd) == self.stdin {
-            self.on_stdin(ops);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.exit_evt, EventSet::IN));
-        let _ = ops.add(Events::new(&self.signals, EventSet::IN));
-        if let Some(fd) = self.stdin {
-            if ops.add(Events::new_raw(fd, EventSet::IN)).is_err() {
-                // stdin is a regular file or /dev/null (not pollable): no console input.
-                self.stdin = None;
-            }
+    /// Answers every queued API request.
+    fn serve_api(&mut self) {
+        let requests: Vec<ApiRequest> = match &self.api {
+            Some(api) => api.rx.try_iter().collect(),
+            None => return,
+        };
+        for request in requests {
+            self.api_requests += 1;
+            let answer = self.handle_action(&request.action);
+            request.respond(answer);
         }
     }
 }
 
-/// Builds the VM described by `cfg` and runs it until it ends. `start` is when the VMM
-/// process started, the boot timer's zero.
+/// Builds the VM described by `cfg` and runs it until it ends, without an API. `start` is
+/// when the VMM process started, the boot timer's zero.
 pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
-    // Signals are taken through a signalfd by the control loop; block them before any
-    // thread exists so every thread inherits the mask.
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        mask.add(s);
-    }
-    mask.thread_block().map_err(host("blocking signals"))?;
-    let signals = SignalFd::new(&mask).map_err(host("signalfd"))?;
-
-    let vm = Vm::new(true)?;
-    let mem = guest_memory(cfg)?;
-    vm.register_memory(&mem)?;
-
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-    let (console, console_on_stdout) = console_output(&cfg.console)?;
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.fd
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(host("KVM_IRQFD for the serial port"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console)));
-    let report = Arc::new(Mutex::new(GuestReport::default()));
-    let status = {
-        let report = report.clone();
-        let print = cfg.boot_timer;
-        StatusPort::new(Box::new(move |ev| {
-            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
-            match ev {
-                StatusEvent::Ready => {
-                    let ms = start.elapsed().as_secs_f64() * 1000.0;
-                    r.ready_ms = Some(ms);
-                    if print {
-                        eprintln!("vmm: boot-timer: guest-init ready {ms:.1} ms after VMM start");
-                    }
-                }
-                StatusEvent::ExitStatus(s) => r.status = Some(s),
-            }
-        }))
-    };
-    let i8042 = I8042::new(exit_evt.try_clone().map_err(host("eventfd"))?);
-    let mut pio = Bus::new();
-    let bus_err = host("laying out the I/O bus");
-    pio.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())
-        .and_then(|()| pio.insert(I8042::BASE, I8042::LEN, Arc::new(Mutex::new(i8042))))
-        .and_then(|()| {
-            pio.insert(
-                STATUS_PORT_BASE,
-                STATUS_PORT_LEN,
-                Arc::new(Mutex::new(status)),
-            )
-        })
-        .map_err(bus_err)?;
-
-    let mut em: EventLoop = EventManager::new().map_err(host("epoll"))?;
-    let mut cmdline = make_cmdline(cfg.boot_args())?;
-    append_cmdline(
-        &mut cmdline,
-        &format!("gi.statusport={STATUS_PORT_BASE:#x}"),
-    )?;
-    let mut dm = DeviceManager::new();
-    for drive in cfg.ordered_drives() {
-        let blk = Block::new(
-            &drive.path_on_host,
-            drive.is_read_only,
-            Some(drive.drive_id.clone()),
-        )
-        .map_err(|source| VmmError::Drive {
-            id: drive.drive_id.clone(),
-            source,
-        })?;
-        let name = format!("block:{}", drive.drive_id);
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            &mut em,
-            Arc::new(Mutex::new(blk)),
-            &name,
-        )?;
-        if drive.is_root_device {
-            let mode = if drive.is_read_only { "ro" } else { "rw" };
-            append_cmdline(&mut cmdline, &format!("root=/dev/vda {mode}"))?;
-        }
-    }
-    for n in &cfg.net {
-        let dev =
-            Net::new(&n.host_dev_name, n.mac_bytes()?, n.mtu).map_err(|source| VmmError::Net {
-                id: n.iface_id.clone(),
-                source,
-            })?;
-        let name = format!("net:{}", n.iface_id);
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            &mut em,
-            Arc::new(Mutex::new(dev)),
-            &name,
-        )?;
-    }
-    if let Some(v) = &cfg.vsock {
-        let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(VmmError::Vsock)?;
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            &mut em,
-            Arc::new(Mutex::new(dev)),
-            "vsock",
-        )?;
-    }
-    if cfg.entropy {
-        let rng = Rng::new().map_err(host("virtio-rng"))?;
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            &mut em,
-            Arc::new(Mutex::new(rng)),
-            "rng",
-        )?;
-    }
-    let mem_bytes = cfg.machine.mem_size_mib << 20;
-    let entry = boot::load(
-        &mem,
-        mem_bytes,
-        &cfg.boot_source.kernel_image_path,
-        cfg.boot_source.initrd_path.as_deref(),
-        &cmdline,
-    )?;
-    let count = u8::try_from(cfg.machine.vcpu_count)
-        .map_err(|_| VmmError::Host("vcpu_count over 254".into()))?;
-    let table = mptable::build(MPTABLE_ADDR, count)
-        .map_err(|e| VmmError::Host(format!("MP table: {e}")))?;
-    mem.write_slice(&table, GuestAddress(MPTABLE_ADDR))
-        .map_err(host("writing the MP table"))?;
-
-    let mut vcpus = Vec::with_capacity(usize::from(count));
-    for id in 0..count {
-        let v = Vcpu::new(&vm, id)?;
-        v.configure(&vm, count, (id == 0).then_some((&mem, entry)))?;
-        vcpus.push(v);
-    }
-
-    let io = VcpuIo {
-        pio: Arc::new(pio),
-        mmio: Arc::new(std::mem::take(&mut dm.mmio)),
-        stop: Arc::new(AtomicBool::new(false)),
-    };
-    let (tx, rx) = channel();
-    for mut v in vcpus {
-        let io = io.clone();
-        let tx = tx.clone();
-        let evt = exit_evt.try_clone().map_err(host("eventfd"))?;
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", v.id))
-            .spawn(move || {
-                let reason = v.run(&io);
-                let _ = tx.send((v.id, reason));
-                let _ = evt.write(1);
-            })
-            .map_err(host("starting a vCPU thread"))?;
-    }
-
-    let stdin = (console_on_stdout).then_some(libc::STDIN_FILENO);
-    let control = Arc::new(Mutex::new(Control {
-        exit_evt,
-        signals,
-        stdin,
-        serial: serial.clone(),
-        vcpu_rx: rx,
-        end: None,
-    }));
-    em.add_subscriber(control.clone());
-    let reason = loop {
-        em.run().map_err(host("event loop"))?;
-        let c = control.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(end) = &c.end {
-            break end.clone();
-        }
-    };
-    // Keep the memory mapped until here: vCPU threads may still be running in it.
-    let _ = serial.lock().map(|mut s| s.flush());
-    let r = report.lock().unwrap_or_else(|e| e.into_inner());
-    let outcome = RunOutcome {
-        reason,
-        guest_status: r.status,
-        boot_ready_ms: r.ready_ms,
-    };
-    drop(r);
-    // The vCPU threads are not joined: the caller exits the process, which ends them
-    // with the guest (they may be inside KVM_RUN).
-    std::mem::forget(mem);
-    std::mem::forget(vm);
-    Ok(outcome)
+    let mut vmm = Vmm::new(cfg.clone(), start, None)?;
+    vmm.start_vm(start)?;
+    vmm.serve()
 }

@@ -145,6 +145,7 @@ fn help_explains_every_flag() {
         "--boot-timer",
         "--hugepages",
         "--exit-with-guest-status",
+        "--api-sock",
     ] {
         assert!(out.output.contains(flag), "--help lacks {flag}");
     }

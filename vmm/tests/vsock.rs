@@ -153,3 +153,173 @@ fn independent_client_completes_the_connect_handshake() {
         "got {refused:?} for a port nobody listens on"
     );
 }
+
+/// A host listener on the VM's hybrid socket for guest-initiated connections to `port`
+/// (`<uds>_<port>`), serving each connection with `serve` in its own thread. Stops
+/// accepting when `done` is set, so a guest that never connects cannot hang the test.
+fn host_listener<F>(
+    uds: &Path,
+    port: u32,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    serve: F,
+) -> std::thread::JoinHandle<Vec<std::thread::Result<u64>>>
+where
+    F: Fn(std::os::unix::net::UnixStream) -> u64 + Send + Sync + 'static,
+{
+    let path = PathBuf::from(format!("{}_{port}", uds.display()));
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let serve = std::sync::Arc::new(serve);
+    std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    let serve = serve.clone();
+                    conns.push(std::thread::spawn(move || serve(s)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        conns.into_iter().map(|c| c.join()).collect()
+    })
+}
+
+/// Echoes until EOF, then closes; returns the bytes echoed.
+fn echo(mut s: std::os::unix::net::UnixStream) -> u64 {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return total;
+                }
+                total += n as u64;
+            }
+        }
+    }
+}
+
+fn vsock_guest(name: &str) -> (PathBuf, common::Guest) {
+    let dir = std::env::temp_dir().join(format!("vsock-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let _ = std::fs::remove_file(&uds);
+    let g = common::Guest::new()
+        .machine(2, 512)
+        .timeout(Duration::from_secs(600))
+        .args(&["--vsock", &format!("cid=3,uds={}", uds.display())]);
+    (uds, g)
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn guest_to_host_64_concurrent_connections_of_16_mib() {
+    let (uds, guest) = vsock_guest("stress");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let host = host_listener(&uds, 5000, done.clone(), echo);
+    let out = guest.cmd("gtool vsock-stress 2 5000 64 16m").run();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let served = host.join().unwrap();
+    assert_eq!(
+        common::guest_value(&out, "STRESS_OK"),
+        "64",
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        common::guest_value(&out, "STRESS_FAIL"),
+        "0",
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        served.len(),
+        64,
+        "host accepted {} connections",
+        served.len()
+    );
+    for r in served {
+        assert_eq!(
+            r.unwrap(),
+            16 << 20,
+            "a host connection echoed a short stream"
+        );
+    }
+    assert_eq!(
+        tests::guest_exit_status(&out.output),
+        Some(0),
+        "{}",
+        out.output
+    );
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn closing_either_side_is_seen_by_the_other() {
+    use std::io::{Read, Write};
+    let (uds, guest) = vsock_guest("close");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Host closes: it reads the guest's hello, then drops the stream.
+    let host = host_listener(&uds, 5001, done.clone(), |mut s| {
+        let mut hello = [0u8; 6];
+        let ok = s.read_exact(&mut hello).is_ok() && &hello == b"hello\n";
+        u64::from(ok)
+    });
+    // Guest closes: the host connects to the guest's one-shot echo server, half-closes,
+    // and must then see EOF (the guest's close) after the echo.
+    let uds2 = uds.clone();
+    let d2 = done.clone();
+    let client = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut s = loop {
+            if let Ok(s) = connect_hybrid(&uds2, 5002, Duration::from_secs(10)) {
+                break s;
+            }
+            if Instant::now() > deadline || d2.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("never reached the guest's echo server".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"bye\n").map_err(|e| e.to_string())?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        // read_to_end returns only at EOF: a timeout means the close was not seen.
+        s.read_to_end(&mut got)
+            .map_err(|e| format!("no EOF: {e}"))?;
+        Ok(got)
+    });
+    let out = guest
+        .cmd("gtool vsock-close-test 2 5001; gtool vsock-echo-server 5002 --count 1")
+        .run();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let served = host.join().unwrap();
+    assert_eq!(served.len(), 1, "{}", out.output);
+    assert_eq!(*served[0].as_ref().unwrap(), 1, "host did not get hello");
+    assert_eq!(
+        common::guest_value(&out, "PEER_CLOSED"),
+        "1",
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        client.join().unwrap(),
+        Ok(b"bye\n".to_vec()),
+        "{}",
+        out.output
+    );
+    assert_eq!(
+        common::guest_value(&out, "ECHO_CONNS"),
+        "1",
+        "{}",
+        out.output
+    );
+}

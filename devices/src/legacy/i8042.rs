@@ -5,6 +5,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::I8042State;
 use crate::bus::BusDevice;
 
 /// Offset of the command/status register from the base port 0x60.
@@ -35,6 +36,16 @@ impl I8042 {
     /// How many resets the guest asked for.
     pub fn resets(&self) -> u64 {
         self.resets
+    }
+
+    /// The controller's snapshot state (empty: see [`I8042State`]).
+    pub fn save_state(&self) -> I8042State {
+        I8042State {}
+    }
+
+    /// A controller in the saved state, signalling `reset_evt`.
+    pub fn from_state(_state: &I8042State, reset_evt: EventFd) -> I8042 {
+        I8042::new(reset_evt)
     }
 }
 

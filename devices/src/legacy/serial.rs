@@ -6,9 +6,11 @@
 
 use std::io::{self, Write};
 
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{SerialRestoreError, SerialState};
 use crate::bus::BusDevice;
 
 /// COM1's base port.
@@ -98,7 +100,7 @@ impl ConsoleOutput {
 
 /// COM1 as a bus device.
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
+    uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
     write_errors: u64,
 }
 
@@ -131,6 +133,34 @@ impl SerialConsole {
     /// Failed writes to the output (a closed stdout, a full disk).
     pub fn write_errors(&self) -> u64 {
         self.write_errors
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        SerialState::from(self.uart.state())
+    }
+
+    /// A UART in the saved state, raising `irq` and printing to `out`. An interrupt that
+    /// was pending is raised again.
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        out: ConsoleOutput,
+    ) -> Result<SerialConsole, SerialRestoreError> {
+        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), NoEvents, out).map_err(
+            |e| match e {
+                vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
+                    SerialRestoreError::Interrupt(e)
+                }
+                vm_superio::serial::Error::FullFifo => {
+                    SerialRestoreError::FifoTooLarge(state.in_buffer.len())
+                }
+            },
+        )?;
+        Ok(SerialConsole {
+            uart,
+            write_errors: 0,
+        })
     }
 }
 

@@ -557,6 +557,10 @@ impl BusDevice for MmioTransport {
     }
 }
 
+#[path = "mmio_persist.rs"]
+mod persist;
+pub use persist::{MmioRestoreError, MmioState, QueueConfigState, QueuePosition};
+
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
 mod tests;

@@ -25,7 +25,10 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{MmioTransport, TransportError, MMIO_SIZE};
+pub use mmio::{
+    MmioRestoreError, MmioState, MmioTransport, QueueConfigState, QueuePosition, TransportError,
+    MMIO_SIZE,
+};
 
 /// Device type of virtio-net (virtio 1.2 §5).
 pub const TYPE_NET: u32 = 1;

@@ -132,3 +132,42 @@ impl VirtioInterrupt for CountingInterrupt {
         self.config.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// Plays a guest driver on `t` up to DRIVER_OK (virtio 1.2 §3.1.1): accepts `features`,
+/// then gives each queue the size and ring addresses of the matching entry of `queues`
+/// (as the device tests lay them out) and marks it ready. Returns the Status read back.
+pub fn drive_transport(
+    t: &mut crate::virtio::MmioTransport,
+    features: u64,
+    queues: &[Queue],
+) -> u32 {
+    use crate::bus::BusDevice;
+    use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+    use virtio_queue::QueueT;
+    let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let half = |v: u64| u32::try_from(v & 0xffff_ffff).unwrap();
+    w(0x70, ACKNOWLEDGE);
+    w(0x70, ACKNOWLEDGE | DRIVER);
+    for sel in 0..2u32 {
+        w(0x24, sel);
+        w(0x20, half(features >> (32 * sel)));
+    }
+    w(0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    for (i, q) in queues.iter().enumerate() {
+        w(0x30, u32::try_from(i).unwrap());
+        w(0x38, u32::from(q.size()));
+        for (reg, addr) in [
+            (0x80, q.desc_table()),
+            (0x90, q.avail_ring()),
+            (0xa0, q.used_ring()),
+        ] {
+            w(reg, half(addr));
+            w(reg + 4, half(addr >> 32));
+        }
+        w(0x44, 1);
+    }
+    w(0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let mut st = [0u8; 4];
+    t.read(0x70, &mut st);
+    u32::from_le_bytes(st)
+}

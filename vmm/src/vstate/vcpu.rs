@@ -1,7 +1,8 @@
 //! One vCPU: its boot state and its run loop. The loop sends port I/O and MMIO exits to the
-//! buses and returns when the guest resets, shuts down, or KVM reports a failure.
+//! buses and returns when the guest resets, shuts down, or KVM reports a failure. The
+//! thread around it (pause, resume, stop) is in `vcpu_thread`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::bus::Bus;
@@ -71,19 +72,66 @@ pub struct VcpuIo {
     pub pio: Arc<Bus>,
     /// MMIO devices.
     pub mmio: Arc<Bus>,
-    /// Set by the VMM to make the loop return at its next exit.
+    /// Set by the VMM to make [`Vcpu::run`] return at its next exit. (vCPU threads started
+    /// by [`super::vcpu_thread::VcpuSet`] are stopped with a command and a kick instead.)
     pub stop: Arc<AtomicBool>,
 }
 
-/// Exit counts, for metrics and for the boot benchmark's exit budget.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExitCounts {
-    /// Port I/O exits.
-    pub pio: u64,
-    /// MMIO exits.
-    pub mmio: u64,
-    /// Accesses no device claimed.
-    pub unhandled: u64,
+/// Exit counts, for `GET /metrics` and for the boot benchmark's exit budget. Atomics so the
+/// VMM thread reads them while the vCPU thread runs.
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    /// KVM_RUN calls (guest entries).
+    pub kvm_run: AtomicU64,
+    /// Port reads (`in`).
+    pub io_in: AtomicU64,
+    /// Port writes (`out`).
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// HLT reaching user space (only without an in-kernel irqchip).
+    pub hlt: AtomicU64,
+    /// Any other exit to user space (shutdown, system events, failures).
+    pub other: AtomicU64,
+    /// KVM_RUN left early for a kick (pause, stop).
+    pub interrupted: AtomicU64,
+    /// Port or MMIO accesses no device claimed.
+    pub unhandled: AtomicU64,
+}
+
+impl VcpuMetrics {
+    /// Every counter as (name, value), in declaration order.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("kvm_run", get(&self.kvm_run)),
+            ("io_in", get(&self.io_in)),
+            ("io_out", get(&self.io_out)),
+            ("mmio_read", get(&self.mmio_read)),
+            ("mmio_write", get(&self.mmio_write)),
+            ("hlt", get(&self.hlt)),
+            ("other", get(&self.other)),
+            ("interrupted", get(&self.interrupted)),
+            ("unhandled", get(&self.unhandled)),
+        ]
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The outcome of one KVM_RUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEmulation {
+    /// An exit was served; enter the guest again.
+    Handled,
+    /// KVM_RUN was interrupted by a signal (a kick): look at pending commands.
+    Interrupted,
+    /// The vCPU cannot continue.
+    Exit(VcpuExitReason),
 }
 
 /// A vCPU.
@@ -92,8 +140,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Index, equal to its APIC ID.
     pub id: u8,
-    /// Exit counts so far.
-    pub exits: ExitCounts,
+    /// Exit counts so far, shared with whoever reports them.
+    pub metrics: Arc<VcpuMetrics>,
 }
 
 impl Vcpu {
@@ -110,7 +158,7 @@ impl Vcpu {
         Ok(Vcpu {
             fd,
             id,
-            exits: ExitCounts::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -177,67 +225,81 @@ impl Vcpu {
             .map_err(self.ioctl("KVM_SET_REGS"))
     }
 
-    /// Runs the guest until it resets, shuts down, fails or is stopped.
+    /// Runs the guest until it resets, shuts down, fails or is stopped through `io.stop`.
     pub fn run(&mut self, io: &VcpuIo) -> VcpuExitReason {
         loop {
             if io.stop.load(Ordering::Acquire) {
                 return VcpuExitReason::Stopped;
             }
-            match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.exits.pio += 1;
-                    if !io.pio.read(u64::from(port), data) {
-                        // Nothing there: reads float high, as on a PC bus.
-                        data.fill(0xff);
-                        self.exits.unhandled += 1;
-                    }
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    self.exits.pio += 1;
-                    if !io.pio.write(u64::from(port), data) {
-                        self.exits.unhandled += 1;
-                    }
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.exits.mmio += 1;
-                    if !io.mmio.read(addr, data) {
-                        data.fill(0xff);
-                        self.exits.unhandled += 1;
-                    }
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.exits.mmio += 1;
-                    if !io.mmio.write(addr, data) {
-                        self.exits.unhandled += 1;
-                    }
-                }
-                Ok(VcpuExit::Hlt) => return VcpuExitReason::Halted,
-                Ok(VcpuExit::Shutdown) => return VcpuExitReason::Reset,
-                Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    return match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExitReason::Shutdown,
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuExitReason::Reset,
-                        kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VcpuExitReason::Crash,
-                        other => VcpuExitReason::Failed(format!("unknown system event {other}")),
-                    }
-                }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    return VcpuExitReason::Failed(format!(
-                        "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
-                    ))
-                }
-                Ok(VcpuExit::InternalError) => {
-                    return VcpuExitReason::Failed("KVM internal error".into())
-                }
-                Ok(other) => {
-                    return VcpuExitReason::Failed(format!("unexpected exit {other:?}"));
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked by a signal: loop around to look at `stop`.
-                    self.fd.set_kvm_immediate_exit(0);
-                }
-                Err(e) => return VcpuExitReason::Failed(format!("KVM_RUN: {e}")),
+            if let VcpuEmulation::Exit(reason) = self.run_once(io) {
+                return reason;
             }
         }
+    }
+
+    /// Enters the guest once and serves the exit that brings it back.
+    pub fn run_once(&mut self, io: &VcpuIo) -> VcpuEmulation {
+        let m = &*self.metrics;
+        count(&m.kvm_run);
+        let reason = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                count(&m.io_in);
+                if !io.pio.read(u64::from(port), data) {
+                    // Nothing there: reads float high, as on a PC bus.
+                    data.fill(0xff);
+                    count(&m.unhandled);
+                }
+                return VcpuEmulation::Handled;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                count(&m.io_out);
+                if !io.pio.write(u64::from(port), data) {
+                    count(&m.unhandled);
+                }
+                return VcpuEmulation::Handled;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(&m.mmio_read);
+                if !io.mmio.read(addr, data) {
+                    data.fill(0xff);
+                    count(&m.unhandled);
+                }
+                return VcpuEmulation::Handled;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(&m.mmio_write);
+                if !io.mmio.write(addr, data) {
+                    count(&m.unhandled);
+                }
+                return VcpuEmulation::Handled;
+            }
+            Ok(VcpuExit::Hlt) => {
+                count(&m.hlt);
+                return VcpuEmulation::Exit(VcpuExitReason::Halted);
+            }
+            Ok(VcpuExit::Shutdown) => VcpuExitReason::Reset,
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExitReason::Shutdown,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuExitReason::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VcpuExitReason::Crash,
+                other => VcpuExitReason::Failed(format!("unknown system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => VcpuExitReason::Failed(format!(
+                "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
+            )),
+            Ok(VcpuExit::InternalError) => VcpuExitReason::Failed("KVM internal error".into()),
+            Ok(other) => VcpuExitReason::Failed(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked by a signal, whose handler set immediate_exit so that a kick
+                // landing just before KVM_RUN is not lost (see vcpu_thread). Clear it, or
+                // every later KVM_RUN would return at once.
+                self.fd.set_kvm_immediate_exit(0);
+                count(&m.interrupted);
+                return VcpuEmulation::Interrupted;
+            }
+            Err(e) => return VcpuEmulation::Exit(VcpuExitReason::Failed(format!("KVM_RUN: {e}"))),
+        };
+        count(&m.other);
+        VcpuEmulation::Exit(reason)
     }
 }

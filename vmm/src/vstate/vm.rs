@@ -1,7 +1,7 @@
 //! The KVM VM: creation, in-kernel interrupt controllers, and guest memory slots.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -46,6 +46,8 @@ pub struct Vm {
     pub has_irqchip: bool,
     /// KVM emulates the LAPIC's TSC-deadline timer (needs the in-kernel irqchip).
     pub tsc_deadline: bool,
+    /// KVM_GET_CLOCK / KVM_SET_CLOCK are available (KVM_CAP_ADJUST_CLOCK).
+    pub adjust_clock: bool,
 }
 
 impl Vm {
@@ -76,6 +78,7 @@ impl Vm {
             supported_cpuid,
             has_irqchip: irqchip,
             tsc_deadline: irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
+            adjust_clock: kvm.check_extension(Cap::AdjustClock),
         };
         if irqchip {
             vm.create_irqchip()?;
@@ -118,5 +121,28 @@ impl Vm {
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
+    }
+
+    /// The guest's kvmclock (KVM_GET_CLOCK), or `None` when KVM cannot adjust it.
+    pub fn get_clock(&self) -> Result<Option<kvm_clock_data>, VmError> {
+        if !self.adjust_clock {
+            return Ok(None);
+        }
+        self.fd
+            .get_clock()
+            .map(Some)
+            .map_err(ioctl("KVM_GET_CLOCK"))
+    }
+
+    /// Sets the guest's kvmclock back to `clock` (KVM_SET_CLOCK), so that time the vCPUs
+    /// did not run does not show up in the guest's clock. Only the clock value is given:
+    /// KVM_CLOCK_REALTIME would make KVM add the host time elapsed since `clock` was read,
+    /// which is what this call exists to avoid.
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+        let data = kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&data).map_err(ioctl("KVM_SET_CLOCK"))
     }
 }

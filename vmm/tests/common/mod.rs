@@ -109,11 +109,11 @@ impl Guest {
             .args(["--memory-mib", &self.mem_mib.to_string()])
             .args(["--cmdline", &cmdline])
             .args(&self.args);
-        let out = run_with_timeout(&mut cmd, TIMEOUT);
+        let out = run_with_timeout(&mut cmd, self.timeout);
         assert!(
             !out.timed_out,
-            "VM did not finish in {TIMEOUT:?}:\n{}",
-            out.output
+            "VM did not finish in {:?}:\n{}",
+            self.timeout, out.output
         );
         assert!(!out.output.contains("panicked"), "{}", out.output);
         out

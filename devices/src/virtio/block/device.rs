@@ -4,7 +4,7 @@
 //! I/O is synchronous pread/pwrite straight into guest memory on the event-loop thread.
 
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -57,6 +57,8 @@ pub struct Block {
     active: Option<Active>,
     /// Whether the event handler has put the queue EventFd on the event loop.
     pub(super) queues_registered: bool,
+    /// The image's path, if opened from one: a snapshot records it to reopen the image.
+    path: Option<PathBuf>,
 }
 
 impl Block {
@@ -75,7 +77,9 @@ impl Block {
             path: path.to_path_buf(),
             source,
         })?;
-        Block::with_disk(Box::new(disk), read_only, serial)
+        let mut block = Block::with_disk(Box::new(disk), read_only, serial)?;
+        block.path = Some(path.to_path_buf());
+        Ok(block)
     }
 
     /// A block device over any [`Disk`] (tests and fuzzing use a `MemDisk`).
@@ -118,6 +122,7 @@ impl Block {
             activate_evt: new_evt()?,
             active: None,
             queues_registered: false,
+            path: None,
         })
     }
 
@@ -289,6 +294,10 @@ impl VirtioDevice for Block {
         self.active.is_some()
     }
 }
+
+/// Snapshot state; a child module so it can read the queue positions.
+#[path = "persist.rs"]
+pub mod persist;
 
 #[cfg(test)]
 #[path = "device_tests.rs"]

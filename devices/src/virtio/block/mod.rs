@@ -12,6 +12,7 @@ pub mod request;
 
 use std::path::PathBuf;
 
+pub use device::persist::{BlockRestoreError, BlockState};
 pub use device::Block;
 pub use disk::{Disk, MemDisk, RawFile};
 pub use metrics::BlockMetrics;

@@ -25,6 +25,7 @@ mod test_utils;
 use std::io;
 
 pub use backend::{MemTap, NetBackend};
+pub use device::persist::NetState;
 pub use device::Net;
 pub use metrics::NetMetrics;
 pub use tap::Tap;

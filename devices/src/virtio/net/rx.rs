@@ -310,6 +310,13 @@ impl RxState {
         self.pending.is_some()
     }
 
+    /// Receive chains popped from the ring and held for a frame, not used yet. They are
+    /// the most recently popped ones, so a snapshot rewinds `next_avail` by this many to
+    /// hand them back to the restored device.
+    pub fn held_chains(&self) -> u16 {
+        u16::try_from(self.pool.chains.len()).unwrap_or(u16::MAX)
+    }
+
     /// Moves frames from the tap to the guest until the tap is empty, the guest has no
     /// buffers, or the budget is spent.
     pub fn run(&mut self, cx: RxContext<'_>) -> RxRun {

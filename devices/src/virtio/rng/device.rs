@@ -211,6 +211,10 @@ impl VirtioDevice for Rng {
     }
 }
 
+/// Snapshot state; a child module so it can read the queue position.
+#[path = "persist.rs"]
+pub mod persist;
+
 #[cfg(test)]
 mod tests {
     use super::*;

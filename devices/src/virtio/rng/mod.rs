@@ -8,6 +8,7 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 
+pub use device::persist::RngState;
 pub use device::Rng;
 pub use metrics::RngMetrics;
 

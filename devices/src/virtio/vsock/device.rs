@@ -486,6 +486,10 @@ impl VirtioDevice for Vsock {
     }
 }
 
+/// Snapshot state; a child module so it can read the queue positions.
+#[path = "persist.rs"]
+pub mod persist;
+
 #[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;

@@ -22,6 +22,7 @@ pub mod packet;
 
 use std::path::PathBuf;
 
+pub use device::persist::VsockState;
 pub use device::Vsock;
 pub use metrics::VsockMetrics;
 pub use muxer::{EventRegistry, NoEventLoop};
