@@ -1,10 +1,11 @@
 //! The guest agent protocol: what a host-side client (tests, the orchestrator) and the agent
 //! in guest-init say to each other over a vsock stream, plus a blocking host-side client.
 //!
-//! Both ends use this crate, so the wire format is defined once. The crate does no I/O of
-//! its own beyond `Read`/`Write` on a stream the caller hands it; [`connect_hybrid`] opens
-//! such a stream through a Firecracker-style hybrid vsock socket. The agent itself (the
-//! server) lives in guest-init.
+//! Both ends use this crate, so the wire format is defined once. The protocol does no I/O
+//! of its own beyond `Read`/`Write` on a stream the caller hands it; [`connect_hybrid`]
+//! opens such a stream on the host through a Firecracker-style hybrid vsock socket, and
+//! [`vsock`] holds the guest's AF_VSOCK sockets (guest-init's listener, gtool's clients and
+//! servers). The agent itself (the server) lives in guest-init.
 //!
 //! # Wire format
 //!
@@ -112,6 +113,7 @@ mod client;
 mod frame;
 mod hybrid;
 mod message;
+pub mod vsock;
 
 pub use client::{
     AgentClient, AgentError, ExecRequest, ExecResult, OutputStream, DEFAULT_OUTPUT_LIMIT,

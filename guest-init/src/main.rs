@@ -154,13 +154,14 @@ fn start_agent(
     started: Instant,
     events: &Sender<MainEvent>,
 ) -> bool {
-    let listener = match server::vsock::VsockListener::bind(port) {
-        Ok(l) => l,
-        Err(e) => {
-            say!("error: agent: vsock port {port}: {e}");
-            return false;
-        }
-    };
+    let listener =
+        match agent::vsock::VsockListener::bind_with_backlog(port, server::listen::BACKLOG) {
+            Ok(l) => l,
+            Err(e) => {
+                say!("error: agent: vsock port {port}: {e}");
+                return false;
+            }
+        };
     let tx = events.clone();
     let ctx = ServerContext {
         reaper: Arc::clone(reaper),

@@ -3,10 +3,42 @@
 //! byte pumps of sink, source and connect.
 
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::thread;
 
+use agent::vsock::VsockStream;
+
 use crate::pattern::{Checker, Pattern};
-use crate::vsock::Duplex;
+
+/// What a per-connection routine needs beyond `Read + Write`: a second handle to the same
+/// connection (one thread writes while another reads) and a half-close that tells the peer
+/// "no more data" while still reading its answer. Implemented for vsock and, for tests,
+/// Unix sockets.
+pub trait Duplex: Read + Write + Send + Sized + 'static {
+    /// Another handle to the same connection.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// `shutdown(SHUT_WR)`: the peer reads EOF; our read side stays open.
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Duplex for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Duplex for VsockStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        VsockStream::try_clone(self)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
 
 /// Read size for echo and checks: large enough that per-call overhead is small next to a
 /// virtio-vsock packet's 64 KiB maximum.
@@ -152,7 +184,6 @@ pub fn mibs(bytes: u64, secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
 
     /// Runs `server` on one end of a socket pair in a thread and returns the other end.
     fn serve(server: impl FnOnce(UnixStream) + Send + 'static) -> UnixStream {

@@ -13,7 +13,6 @@ mod conn;
 mod error;
 mod pattern;
 mod randread;
-mod vsock;
 mod vsock_cmds;
 
 use std::io::Write;

@@ -7,10 +7,11 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::conn::{self, THREAD_STACK};
+use agent::vsock::{VsockListener, VsockStream};
+
+use crate::conn::{self, Duplex, THREAD_STACK};
 use crate::error::{Context, ToolError};
 use crate::say;
-use crate::vsock::{Duplex, VsockListener, VsockStream};
 
 /// How long vsock-connect still waits for stdin after the peer closed: a console stdin
 /// never ends, and the peer is gone anyway.
@@ -197,7 +198,7 @@ pub fn source(cid: u32, port: u32, bytes: u64) -> Result<(), ToolError> {
     say(&format!("SOURCE_MIBS={}", conn::mibs(bytes, secs)));
     // The numbers are out; the wait only keeps our exit from racing the last bytes, so a
     // peer that never closes (timeout) or resets is not an error.
-    if s.set_read_timeout(SOURCE_DRAIN).is_ok() {
+    if s.set_read_timeout(Some(SOURCE_DRAIN)).is_ok() {
         let _ = conn::count_until_eof(&mut s);
     }
     Ok(())

@@ -1,12 +1,15 @@
 //! `vmm`: boots a Linux kernel on KVM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
 
+use vmm::api::{
+    DriveOverride, MemBackend, MemBackendType, NetworkOverride, SnapshotLoadParams, VsockOverride,
+};
 use vmm::config::{host_mem_mib, ConsoleTarget, HugePages, VmConfig};
 use vmm::runtime::{self, EndReason, RunOutcome, Vmm};
 
@@ -25,10 +28,16 @@ use vmm::runtime::{self, EndReason, RunOutcome, Vmm};
 /// shaped like Firecracker's; see README, "Control API"): pause/resume, metrics, and,
 /// without --kernel or --config, the VM's configuration and start.
 ///
+/// With --restore the VM comes from a snapshot (PUT /snapshot/create) instead of a kernel:
+/// its vCPUs, memory and devices continue where they were. It stays paused until
+/// resumed (--resume, or PATCH /vm over --api-sock).
+///
 /// Examples:
 ///   vmm --kernel vmlinux --initrd initramfs.cpio --vcpus 2 --memory-mib 256 \
 ///       --cmdline "console=ttyS0 reboot=k panic=-1 gi.cmd=\"busybox uname -a\""
 ///   vmm --api-sock /tmp/vmm.sock --console /tmp/console.log
+///   vmm --restore vm1/vmstate --memory vm1/memory --resume \
+///       --drive-override rootfs=vm7/rootfs.ext4 --vsock-override /run/vm7/v.sock
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, verbatim_doc_comment)]
 struct Cli {
@@ -108,6 +117,111 @@ struct Cli {
     /// live process listens on is refused.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+
+    /// Restore the VM from this snapshot vmstate file (written by PUT /snapshot/create)
+    /// instead of booting a kernel; needs --memory. The file is checked (magic, version,
+    /// checksum) and the memory file's size matched before anything runs. The VM stays
+    /// paused until resumed: --resume, or PATCH /vm {"state": "Resumed"} over --api-sock.
+    /// Devices reopen their backends at the saved paths (drive files, taps, vsock socket)
+    /// unless overridden below. Only --console, --boot-timer, --api-sock and
+    /// --exit-with-guest-status combine with it; the machine and devices are the snapshot's.
+    #[arg(
+        long,
+        value_name = "VMSTATE",
+        requires = "memory",
+        conflicts_with_all = [
+            "kernel", "initrd", "cmdline", "vcpus", "memory_mib", "hugepages", "drive",
+            "net", "vsock", "no_rng", "config",
+        ],
+    )]
+    restore: Option<PathBuf>,
+
+    /// The snapshot's guest memory file, for --restore. It is mapped copy-on-write: guest
+    /// RAM loads lazily, the file never changes, and VMs restored from one file share its
+    /// page cache.
+    #[arg(long, value_name = "MEMFILE", requires = "restore")]
+    memory: Option<PathBuf>,
+
+    /// Resume the restored VM at once (otherwise it waits, paused, for PATCH /vm).
+    #[arg(long, requires = "restore")]
+    resume: bool,
+
+    /// With --restore: reopen the snapshot's drive ID on PATH instead of its saved file (the
+    /// size must be the same); repeat for more drives.
+    #[arg(long, value_name = "ID=PATH", requires = "restore")]
+    drive_override: Vec<String>,
+
+    /// With --restore: attach the snapshot's network interface ID to host tap TAP instead of
+    /// its saved tap; repeat for more interfaces.
+    #[arg(long, value_name = "ID=TAP", requires = "restore")]
+    net_override: Vec<String>,
+
+    /// With --restore: the vsock device listens on this unix socket instead of its saved
+    /// path (which must not exist). Guest connections to the host go to PATH_<port>.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    vsock_override: Option<PathBuf>,
+}
+
+/// Splits `ID=VALUE` of `flag`.
+fn id_value<'a>(flag: &str, text: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
+    match text.split_once('=') {
+        Some((id, value)) if !id.is_empty() && !value.is_empty() => Ok((id, value)),
+        _ => anyhow::bail!("{flag} {text:?}: expected ID={what}"),
+    }
+}
+
+/// The snapshot load the --restore flags ask for.
+fn restore_params(cli: &Cli, vmstate: &Path) -> anyhow::Result<SnapshotLoadParams> {
+    let Some(memory) = &cli.memory else {
+        anyhow::bail!("--restore needs --memory MEMFILE");
+    };
+    let mut p = SnapshotLoadParams {
+        snapshot_path: vmstate.to_path_buf(),
+        mem_backend: MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: memory.clone(),
+        },
+        resume_vm: cli.resume,
+        network_overrides: Vec::new(),
+        drive_overrides: Vec::new(),
+        vsock_override: cli
+            .vsock_override
+            .clone()
+            .map(|uds_path| VsockOverride { uds_path }),
+    };
+    for d in &cli.drive_override {
+        let (id, path) = id_value("--drive-override", d, "PATH")?;
+        p.drive_overrides.push(DriveOverride {
+            drive_id: id.into(),
+            path_on_host: path.into(),
+        });
+    }
+    for n in &cli.net_override {
+        let (id, tap) = id_value("--net-override", n, "TAP")?;
+        p.network_overrides.push(NetworkOverride {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+        });
+    }
+    Ok(p)
+}
+
+/// Restores the snapshot the flags name and runs it to its end.
+fn run_restored(cli: &Cli, vmstate: &Path, start: Instant) -> anyhow::Result<RunOutcome> {
+    if !cli.resume && cli.api_sock.is_none() {
+        anyhow::bail!(
+            "--restore without --resume needs --api-sock: the VM stays paused until resumed, \
+             and only the API can resume it"
+        );
+    }
+    let params = restore_params(cli, vmstate)?;
+    let cfg = build_config(cli)?;
+    let context = format!("snapshot {}", vmstate.display());
+    let mut vmm = Vmm::new(cfg, start, cli.api_sock.as_deref())?;
+    vmm.restore_snapshot(&params)
+        .with_context(|| format!("restoring {context}"))?;
+    vmm.serve()
+        .with_context(|| format!("VM restored from {context}"))
 }
 
 fn build_config(cli: &Cli) -> anyhow::Result<VmConfig> {
@@ -165,6 +279,9 @@ fn vm_context(cfg: &VmConfig) -> String {
 
 /// Runs the VM the flags describe, to its end.
 fn run(cli: &Cli, start: Instant) -> anyhow::Result<RunOutcome> {
+    if let Some(vmstate) = &cli.restore {
+        return run_restored(cli, vmstate, start);
+    }
     let cfg = build_config(cli)?;
     let Some(sock) = &cli.api_sock else {
         if !has_kernel(&cfg) {

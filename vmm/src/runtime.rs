@@ -3,6 +3,8 @@
 //! [`Vmm`] has three states: *Not started* (the configuration can still change, from the
 //! command line or the API), *Running* and *Paused*. [`Vmm::start_vm`] builds the VM
 //! (`build`) and starts one thread per vCPU (`crate::vstate::vcpu_thread`);
+//! [`Vmm::restore_snapshot`] builds it from a snapshot instead (`restore`, `snapshot`) and
+//! leaves it *Paused* (or resumes it);
 //! [`Vmm::serve`] runs the control loop on the calling thread until the VM ends, then stops
 //! and joins the vCPU threads before guest memory goes away.
 //!
@@ -22,6 +24,8 @@
 mod actions;
 mod build;
 mod control;
+mod restore;
+mod snapshot;
 
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};
@@ -111,6 +115,12 @@ pub enum VmmError {
     /// The API socket cannot be served.
     #[error(transparent)]
     Api(#[from] crate::api::ApiServerError),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Restore(#[from] crate::snapshot::restore::RestoreError),
+    /// A snapshot could not be taken.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::create::SnapshotError),
     /// The VM was already started.
     #[error("the VM is already started")]
     AlreadyStarted,
@@ -184,6 +194,8 @@ struct Instance {
     guest: GuestVm,
     /// kvmclock read at pause, written back at resume.
     saved_clock: Option<kvm_clock_data>,
+    /// The MSRs a snapshot saves, asked of KVM at the first snapshot.
+    msr_list: Option<Vec<u32>>,
     /// The vCPU threads have been stopped (and joined, or given up on).
     stopped: bool,
 }
@@ -338,6 +350,13 @@ impl Vmm {
                     return Err(e.into());
                 }
             };
+        self.install(vcpus, guest, None);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Makes a started VM this VMM's instance (and its console, stdin).
+    fn install(&mut self, vcpus: VcpuSet, guest: GuestVm, saved_clock: Option<kvm_clock_data>) {
         if guest.console_on_stdout {
             let input = ConsoleInput::new(guest.serial.clone());
             self.em.add_subscriber(Arc::new(Mutex::new(input)));
@@ -345,11 +364,10 @@ impl Vmm {
         self.instance = Some(Instance {
             vcpus,
             guest,
-            saved_clock: None,
+            saved_clock,
+            msr_list: None,
             stopped: false,
         });
-        self.state = VmState::Running;
-        Ok(())
     }
 
     /// Runs the control loop until the VM ends (or, before start, until a signal), then

@@ -308,9 +308,15 @@ fn configured_over_the_api_with_errors_naming_the_field() {
         "/snapshot/create",
         json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
     )
+    .fault(409, &["CreateSnapshot", "not started"]);
+    // A load that cannot work is refused before anything is built, naming the file.
+    vmm.put(
+        "/snapshot/load",
+        json!({"snapshot_path": "/nonexistent/vmstate", "mem_file_path": "/tmp/m"}),
+    )
     .fault(
         400,
-        &["snapshot create/load is not implemented yet (issue 6 in progress)"],
+        &["LoadSnapshot", "/nonexistent/vmstate", "cannot open"],
     );
     // No boot source yet: InstanceStart says what is missing.
     vmm.put("/actions", json!({"action_type": "InstanceStart"}))

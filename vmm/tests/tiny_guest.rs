@@ -1,8 +1,9 @@
 //! KVM tests with a tiny hand-assembled guest, on this machine's own /dev/kvm (kvm-pvm
 //! included: no in-kernel irqchip, see ../shared/TEST-HOST.md). They prove the vCPU setup in
 //! long mode, port I/O exits reaching the serial device, MMIO exits both ways, a clean
-//! stop, pause/resume of vCPU threads and the kvmclock save/restore around a pause, through
-//! the same code paths `vmm` uses for Linux. Without a usable /dev/kvm they fail, saying so.
+//! stop, pause/resume of vCPU threads, the kvmclock save/restore around a pause and the
+//! completion of a pending port write before a snapshot, through the same code paths `vmm`
+//! uses for Linux. Without a usable /dev/kvm they fail, saying so.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use devices::legacy::{ConsoleOutput, SerialConsole, SERIAL_PORT_BASE, SERIAL_POR
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::regs::EntryMode;
 use vmm::boot::BootEntry;
-use vmm::vstate::vcpu::{Vcpu, VcpuExitReason, VcpuIo};
+use vmm::vstate::vcpu::{Vcpu, VcpuEmulation, VcpuExitReason, VcpuIo};
 use vmm::vstate::vcpu_thread::VcpuSet;
 use vmm::vstate::vm::Vm;
 use vmm_sys_util::eventfd::EventFd;
@@ -357,4 +358,37 @@ fn kvmclock_restore_hides_the_time_between() {
         restored.clock >= before.clock && ahead < 100_000_000,
         "restored clock is {ahead} ns past the saved one"
     );
+}
+
+#[test]
+fn a_pending_port_write_is_completed_without_running_guest_code() {
+    // out 0x80, al; then count at 0x3000 and halt.
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xe6, 0x80,                               // out 0x80, al
+        0x48, 0xc7, 0xc0, 0x00, 0x30, 0x00, 0x00, // mov rax, 0x3000
+        0x48, 0xff, 0x00,                         // inc qword [rax]
+        0xf4,                                     // hlt
+    ];
+    let mut s = setup(code);
+    let io = empty_io();
+    assert_eq!(s.vcpu.run_once(&io), VcpuEmulation::Handled);
+    // KVM's fast port-I/O path (VMX, SVM) moves past the `out` only at the next KVM_RUN:
+    // a vCPU parked here and saved would write the port again after a restore. (kvm-pvm
+    // has already moved past it; either way the completion must leave RIP after it.)
+    let rip = s.vcpu.fd.get_regs().unwrap().rip;
+    assert!(rip == CODE_ADDR || rip == CODE_ADDR + 2, "RIP {rip:#x}");
+    s.vcpu.complete_pending_io(&io).unwrap();
+    assert_eq!(s.vcpu.fd.get_regs().unwrap().rip, CODE_ADDR + 2);
+    assert_eq!(counters(&s.mem)[0], 0, "guest code ran");
+    assert_eq!(
+        count(&s.vcpu.metrics.io_out),
+        1,
+        "the write was not repeated"
+    );
+    // Nothing pending: a second call is a no-op.
+    s.vcpu.complete_pending_io(&io).unwrap();
+    assert_eq!(s.vcpu.fd.get_regs().unwrap().rip, CODE_ADDR + 2);
+    assert_eq!(s.vcpu.run(&io), VcpuExitReason::Halted);
+    assert_eq!(counters(&s.mem)[0], 1);
 }

@@ -298,7 +298,7 @@ fn closing_either_side_is_seen_by_the_other() {
         Ok(got)
     });
     let out = guest
-        .cmd("gtool vsock-close-test 2 5001; gtool vsock-echo-server 5002 --count 1")
+        .cmd("busybox sh -c 'gtool vsock-close-test 2 5001 && gtool vsock-echo-server 5002 --count 1'")
         .run();
     done.store(true, std::sync::atomic::Ordering::Release);
     let served = host.join().unwrap();

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agent::vsock::{VsockListener, VsockStream};
 use agent::ErrorCode;
 
 use super::{send_error, serve, shorten, ServerContext};
@@ -18,12 +19,23 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// able to flood the guest console.
 const MAX_LOGGED_ERRORS: usize = 20;
 
+/// Backlog of the agent's vsock listener: connections the host opened that the accept loop
+/// has not taken yet.
+pub const BACKLOG: u32 = 16;
+
 /// A source of connections: the vsock listener in the guest, a unix listener in tests.
 pub trait Listener: Send + 'static {
     /// One accepted connection.
     type Stream: Read + Write + Send + 'static;
     /// Blocks until a host connects.
     fn accept(&self) -> io::Result<Self::Stream>;
+}
+
+impl Listener for VsockListener {
+    type Stream = VsockStream;
+    fn accept(&self) -> io::Result<VsockStream> {
+        VsockListener::accept(self)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 
 mod exec;
 pub mod listen;
-pub mod vsock;
 
 use std::fmt;
 use std::io::{Read, Write};

@@ -12,6 +12,8 @@
 //!   the guest's kvmclock does not jump by the paused time. A guest clocked by its TSC (not
 //!   this project's kernel, which uses kvm-clock) would still see the jump; so does its
 //!   wall clock, which stays behind by the paused time until something (NTP) corrects it.
+//! - Snapshot create (paused VM only, else 409) and load (before any VM, else 409) are in
+//!   `super::snapshot`.
 
 use std::time::{Duration, Instant};
 
@@ -24,18 +26,14 @@ use crate::config::{host_mem_mib, ConfigError};
 use crate::device_manager::DeviceManagerError;
 
 /// How long vCPUs get to acknowledge a pause or resume (the API gives up after 30 s).
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The answer to snapshot requests until they exist.
-pub(crate) const SNAPSHOT_NOT_YET: &str =
-    "snapshot create/load is not implemented yet (issue 6 in progress)";
+pub(super) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Firecracker's id for an instance started without `--id`.
 const INSTANCE_ID: &str = "anonymous-instance";
 
 /// An error and its sources, one line: "drive rootfs: cannot open disk image /x: No such
 /// file or directory (os error 2)".
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -109,12 +107,9 @@ impl Vmm {
             VmmAction::SendCtrlAltDel => self.send_ctrl_alt_del(),
             VmmAction::Pause => self.pause(),
             VmmAction::Resume => self.resume(),
-            // To come (issue 6): create needs a paused VM (`VmState::Paused`): vCPU state
-            // through `VcpuSet::on_each`, the VM's through `Instance::guest.vm`, memory from
-            // `Instance::guest.mem`; load needs `VmState::NotStarted`.
-            VmmAction::CreateSnapshot(_) | VmmAction::LoadSnapshot(_) => {
-                Err(ApiError::bad_request(SNAPSHOT_NOT_YET))
-            }
+            // In `snapshot`: create needs a paused VM, load a VMM that has not started one.
+            VmmAction::CreateSnapshot(p) => self.create_snapshot(p),
+            VmmAction::LoadSnapshot(p) => self.load_snapshot(p),
         }
     }
 
@@ -226,7 +221,7 @@ impl Vmm {
         Ok(VmmData::Empty)
     }
 
-    fn resume(&mut self) -> Result<VmmData, ApiError> {
+    pub(super) fn resume(&mut self) -> Result<VmmData, ApiError> {
         let instance = match (self.state, self.instance.as_mut()) {
             (VmState::Running, _) => return Ok(VmmData::Empty),
             (VmState::Paused, Some(instance)) => instance,

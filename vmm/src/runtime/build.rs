@@ -31,7 +31,9 @@ use crate::arch::layout::{ram_regions, MPTABLE_ADDR};
 use crate::arch::mptable;
 use crate::boot::{self, append_cmdline, make_cmdline};
 use crate::config::{ConsoleTarget, HugePages, VmConfig};
-use crate::device_manager::{DeviceManager, EventLoop};
+use crate::device_manager::{AttachedVirtio, DeviceManager, EventLoop, VirtioHandle};
+use crate::snapshot::restore::RestoreError;
+use crate::snapshot::state::DevicesState;
 use crate::vstate::vcpu::{Vcpu, VcpuIo};
 use crate::vstate::vm::Vm;
 
@@ -61,6 +63,8 @@ pub(super) struct GuestVm {
     pub report: Arc<Mutex<GuestReport>>,
     /// Counters of each virtio device, by attach name (`block:rootfs`, `net:eth0`, ...).
     pub device_counters: Vec<(String, CounterSource)>,
+    /// Every virtio device with its transport, in attach order (for snapshots).
+    pub devices: Vec<AttachedVirtio>,
     /// The console is this process's stdout (so stdin feeds it).
     pub console_on_stdout: bool,
     /// The devices' subscriptions in the event loop.
@@ -100,46 +104,7 @@ fn build_with(
     let vm = Vm::new(true)?;
     let mem = guest_memory(cfg)?;
     vm.register_memory(&mem)?;
-
-    let (console, console_on_stdout) = console_output(&cfg.console)?;
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.fd
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(host("KVM_IRQFD for the serial port"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console)));
-    let report = Arc::new(Mutex::new(GuestReport::default()));
-    let status = {
-        let report = report.clone();
-        let print = cfg.boot_timer;
-        StatusPort::new(Box::new(move |ev| {
-            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
-            match ev {
-                StatusEvent::Ready => {
-                    let ms = boot_zero.at.elapsed().as_secs_f64() * 1000.0;
-                    r.ready_ms = Some(ms);
-                    if print {
-                        let zero = boot_zero.name;
-                        eprintln!("vmm: boot-timer: guest-init ready {ms:.1} ms after {zero}");
-                    }
-                }
-                StatusEvent::ExitStatus(s) => r.status = Some(s),
-            }
-        }))
-    };
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        exit_evt.try_clone().map_err(host("eventfd"))?,
-    )));
-    let mut pio = Bus::new();
-    pio.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())
-        .and_then(|()| pio.insert(I8042::BASE, I8042::LEN, i8042.clone()))
-        .and_then(|()| {
-            pio.insert(
-                STATUS_PORT_BASE,
-                STATUS_PORT_LEN,
-                Arc::new(Mutex::new(status)),
-            )
-        })
-        .map_err(host("laying out the I/O bus"))?;
+    let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, None)?;
 
     let mut cmdline = make_cmdline(cfg.boot_args())?;
     append_cmdline(
@@ -158,16 +123,9 @@ fn build_with(
             source,
         })?;
         let name = format!("block:{}", drive.drive_id);
-        let counters = blk.metrics();
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            em,
-            Arc::new(Mutex::new(blk)),
-            &name,
-        )?;
-        device_counters.push((name, Box::new(move || counters.snapshot())));
+        let dev = VirtioHandle::Block(Arc::new(Mutex::new(blk)));
+        device_counters.push((name.clone(), counter_source(&dev)));
+        dm.attach(&vm, &mem, &mut cmdline, em, dev, &name)?;
         if drive.is_root_device {
             let mode = if drive.is_read_only { "ro" } else { "rw" };
             append_cmdline(&mut cmdline, &format!("root=/dev/vda {mode}"))?;
@@ -180,36 +138,21 @@ fn build_with(
                 source,
             })?;
         let name = format!("net:{}", n.iface_id);
-        let counters = dev.metrics();
-        let dev = Arc::new(Mutex::new(dev));
+        let dev = VirtioHandle::Net(Arc::new(Mutex::new(dev)));
+        device_counters.push((name.clone(), counter_source(&dev)));
         dm.attach(&vm, &mem, &mut cmdline, em, dev, &name)?;
-        device_counters.push((name, Box::new(move || counters.snapshot())));
     }
     if let Some(v) = &cfg.vsock {
         let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(VmmError::Vsock)?;
-        let counters = dev.metrics();
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            em,
-            Arc::new(Mutex::new(dev)),
-            "vsock",
-        )?;
-        device_counters.push(("vsock".into(), Box::new(move || counters.snapshot())));
+        let dev = VirtioHandle::Vsock(Arc::new(Mutex::new(dev)));
+        device_counters.push(("vsock".into(), counter_source(&dev)));
+        dm.attach(&vm, &mem, &mut cmdline, em, dev, "vsock")?;
     }
     if cfg.entropy {
         let rng = Rng::new().map_err(host("virtio-rng"))?;
-        let counters = rng.metrics();
-        dm.attach(
-            &vm,
-            &mem,
-            &mut cmdline,
-            em,
-            Arc::new(Mutex::new(rng)),
-            "rng",
-        )?;
-        device_counters.push(("rng".into(), Box::new(move || counters.snapshot())));
+        let dev = VirtioHandle::Rng(Arc::new(Mutex::new(rng)));
+        device_counters.push(("rng".into(), counter_source(&dev)));
+        dm.attach(&vm, &mem, &mut cmdline, em, dev, "rng")?;
     }
     let mem_bytes = cfg.machine.mem_size_mib << 20;
     let entry = boot::load(
@@ -232,22 +175,148 @@ fn build_with(
         v.configure(&vm, count, (id == 0).then_some((&mem, entry)))?;
         vcpus.push(v);
     }
-    let io = VcpuIo {
-        pio: Arc::new(pio),
-        mmio: Arc::new(std::mem::take(&mut dm.mmio)),
-        stop: Arc::new(AtomicBool::new(false)),
-    };
-    Ok(GuestVm {
+    Ok(GuestVm::assemble(
         vm,
         mem,
         vcpus,
-        io,
+        legacy,
+        dm,
+        device_counters,
+    ))
+}
+
+impl GuestVm {
+    /// The built pieces as a [`GuestVm`]; takes the bus, devices and subscriptions out of
+    /// `dm`.
+    pub(super) fn assemble(
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        vcpus: Vec<Vcpu>,
+        legacy: Legacy,
+        dm: &mut DeviceManager,
+        device_counters: Vec<(String, CounterSource)>,
+    ) -> GuestVm {
+        let io = VcpuIo {
+            pio: Arc::new(legacy.pio),
+            mmio: Arc::new(std::mem::take(&mut dm.mmio)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        GuestVm {
+            vm,
+            mem,
+            vcpus,
+            io,
+            serial: legacy.serial,
+            i8042: legacy.i8042,
+            report: legacy.report,
+            device_counters,
+            devices: std::mem::take(&mut dm.attached),
+            console_on_stdout: legacy.console_on_stdout,
+            subscribers: std::mem::take(&mut dm.subscribers),
+        }
+    }
+}
+
+/// Reads a device's counters.
+pub(super) fn counter_source(dev: &VirtioHandle) -> CounterSource {
+    fn read<D>(d: &Mutex<D>, metrics: impl Fn(&D) -> CounterSource) -> CounterSource {
+        metrics(&d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    match dev {
+        VirtioHandle::Block(d) => read(d, |d| {
+            let m = d.metrics();
+            Box::new(move || m.snapshot())
+        }),
+        VirtioHandle::Net(d) => read(d, |d| {
+            let m = d.metrics();
+            Box::new(move || m.snapshot())
+        }),
+        VirtioHandle::Rng(d) => read(d, |d| {
+            let m = d.metrics();
+            Box::new(move || m.snapshot())
+        }),
+        VirtioHandle::Vsock(d) => read(d, |d| {
+            let m = d.metrics();
+            Box::new(move || m.snapshot())
+        }),
+    }
+}
+
+/// The port-I/O devices: COM1, the i8042 and the status port, on their bus.
+pub(super) struct Legacy {
+    pub pio: Bus,
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub report: Arc<Mutex<GuestReport>>,
+    pub console_on_stdout: bool,
+}
+
+/// Makes the port-I/O devices for `vm`: the UART printing to `cfg.console` (in its state
+/// in `saved`, a snapshot's devices, if there), the i8042 whose reset line writes
+/// `exit_evt`, and the status port reporting to a fresh [`GuestReport`].
+pub(super) fn legacy_devices(
+    vm: &Vm,
+    cfg: &VmConfig,
+    exit_evt: &EventFd,
+    boot_zero: BootZero,
+    saved: Option<&DevicesState>,
+) -> Result<Legacy, VmmError> {
+    let (console, console_on_stdout) = console_output(&cfg.console)?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+    // Without an in-kernel irqchip (tiny test guests restored on kvm-pvm) there is nothing
+    // to deliver the interrupt to, and KVM refuses the irqfd; the UART then polls fine.
+    if vm.has_irqchip {
+        vm.fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(host("KVM_IRQFD for the serial port"))?;
+    }
+    let serial = match saved.and_then(|d| d.serial.as_ref()) {
+        Some(s) => SerialConsole::from_state(s, serial_irq, console)
+            .map_err(|e| VmmError::Restore(RestoreError::Serial(e)))?,
+        None => SerialConsole::new(serial_irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let report = Arc::new(Mutex::new(GuestReport::default()));
+    let status = {
+        let report = report.clone();
+        let print = cfg.boot_timer;
+        StatusPort::new(Box::new(move |ev| {
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            match ev {
+                StatusEvent::Ready => {
+                    let ms = boot_zero.at.elapsed().as_secs_f64() * 1000.0;
+                    r.ready_ms = Some(ms);
+                    if print {
+                        let zero = boot_zero.name;
+                        eprintln!("vmm: boot-timer: guest-init ready {ms:.1} ms after {zero}");
+                    }
+                }
+                StatusEvent::ExitStatus(s) => r.status = Some(s),
+            }
+        }))
+    };
+    let reset = exit_evt.try_clone().map_err(host("eventfd"))?;
+    let i8042 = Arc::new(Mutex::new(match saved.and_then(|d| d.i8042.as_ref()) {
+        Some(s) => I8042::from_state(s, reset),
+        None => I8042::new(reset),
+    }));
+    let mut pio = Bus::new();
+    pio.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())
+        .and_then(|()| pio.insert(I8042::BASE, I8042::LEN, i8042.clone()))
+        .and_then(|()| {
+            pio.insert(
+                STATUS_PORT_BASE,
+                STATUS_PORT_LEN,
+                Arc::new(Mutex::new(status)),
+            )
+        })
+        .map_err(host("laying out the I/O bus"))?;
+    Ok(Legacy {
+        pio,
         serial,
         i8042,
         report,
-        device_counters,
         console_on_stdout,
-        subscribers: std::mem::take(&mut dm.subscribers),
     })
 }
 

@@ -21,9 +21,15 @@
 //!    overridable), then attach it with `MmioTransport::restore` at the saved MMIO base and
 //!    IRQ; for vsock then `finish_restore()`;
 //! 5. start the vCPUs.
+//!
+//! [`create`] does the taking for the VMM (and for tests driving a VM by hand);
+//! [`restore`] does the restoring's checks and device rebuilding that need no KVM, and
+//! `runtime::restore` builds the VM from them.
 
+pub mod create;
 pub mod format;
 pub mod memory;
+pub mod restore;
 pub mod state;
 
 #[cfg(test)]

@@ -237,6 +237,32 @@ impl Vcpu {
         }
     }
 
+    /// Finishes an I/O or MMIO exit the vCPU left KVM_RUN with, without running guest code:
+    /// KVM completes such an exit (the data of a read, the instruction pointer past an
+    /// `out`) only at the next KVM_RUN (KVM API, "KVM_RUN"), so a vCPU parked right after
+    /// serving one would otherwise be saved mid-instruction and repeat the access after a
+    /// restore. KVM_RUN with `immediate_exit` set runs that completion and returns EINTR
+    /// before entering the guest. A completion that needs user space again (a string I/O
+    /// instruction's next round) is served and completed the same way, a bounded number of
+    /// times. Call with the vCPU parked, on its own thread.
+    pub fn complete_pending_io(&mut self, io: &VcpuIo) -> Result<(), VcpuExitReason> {
+        /// Rounds of a string I/O instruction served at most (`rep outsb` of a page).
+        const MAX_ROUNDS: usize = 4096;
+        for _ in 0..MAX_ROUNDS {
+            self.fd.set_kvm_immediate_exit(1);
+            let outcome = self.run_once(io);
+            self.fd.set_kvm_immediate_exit(0);
+            match outcome {
+                VcpuEmulation::Interrupted => return Ok(()),
+                VcpuEmulation::Handled => {}
+                VcpuEmulation::Exit(reason) => return Err(reason),
+            }
+        }
+        Err(VcpuExitReason::Failed(format!(
+            "I/O still pending after {MAX_ROUNDS} completions"
+        )))
+    }
+
     /// Enters the guest once and serves the exit that brings it back.
     pub fn run_once(&mut self, io: &VcpuIo) -> VcpuEmulation {
         let m = &*self.metrics;

@@ -178,6 +178,32 @@ impl VcpuSet {
         io: &VcpuIo,
         exit_evt: &EventFd,
     ) -> Result<VcpuSet, VcpuThreadError> {
+        VcpuSet::spawn(vcpus, io, exit_evt, false)
+    }
+
+    /// Like [`VcpuSet::start`], but every thread parks before its vCPU first enters the
+    /// guest (a restored VM stays paused until resumed). Returns once each has parked;
+    /// [`VcpuSet::resume`] lets them run.
+    pub fn start_paused(
+        vcpus: Vec<Vcpu>,
+        io: &VcpuIo,
+        exit_evt: &EventFd,
+        timeout: Duration,
+    ) -> Result<VcpuSet, VcpuThreadError> {
+        let mut set = VcpuSet::spawn(vcpus, io, exit_evt, true)?;
+        set.wait_for("pause", timeout, |e| match e {
+            VcpuEvent::Paused(id) => Some(*id),
+            _ => None,
+        })?;
+        Ok(set)
+    }
+
+    fn spawn(
+        vcpus: Vec<Vcpu>,
+        io: &VcpuIo,
+        exit_evt: &EventFd,
+        paused: bool,
+    ) -> Result<VcpuSet, VcpuThreadError> {
         install_kick_handler()?;
         let (events_tx, events) = channel();
         let mut set = VcpuSet {
@@ -190,6 +216,12 @@ impl VcpuSet {
             let id = vcpu.id;
             let (commands, commands_rx) = channel();
             let pending = Arc::new(AtomicBool::new(false));
+            if paused {
+                // Served before the first KVM_RUN: the thread parks at once. The receiver
+                // is alive here, so the send cannot fail.
+                let _ = commands.send(VcpuCommand::Pause);
+                pending.store(true, Ordering::Release);
+            }
             let thread_pending = pending.clone();
             let io = io.clone();
             let events_tx = events_tx.clone();

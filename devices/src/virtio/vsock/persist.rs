@@ -54,9 +54,12 @@ impl Vsock {
     }
 
     /// After the transport restore: if the device runs, tells the guest its connections
-    /// are gone (a transport reset event, delivered by the event loop).
+    /// are gone (a transport reset event, delivered by the event loop), and looks at the
+    /// TX queue once: a notification the guest sent after the event loop last ran was in
+    /// an eventfd of the old process, and is lost with it.
     pub fn finish_restore(&mut self) {
         if self.active.is_some() {
+            self.tx_kicked = true;
             self.send_transport_reset();
         }
     }
