@@ -88,21 +88,38 @@ const BENCH_GUEST_IP: &str = "172.30.0.2";
 /// TCP port of the host's server for the network workloads.
 const NET_PORT: u16 = 5201;
 /// MiB each network workload moves.
+/// (Full runs; `--quick` moves 16 MiB, enough to check the path works; see `xfer_mib`.)
 const NET_MIB: u32 = 128;
 /// vsock port of the host's sink, and MiB the guest sends to it.
 const VSOCK_PORT: u32 = 5300;
 const VSOCK_MIB: u32 = 128;
+/// MiB per transfer in `--quick` mode.
+const QUICK_MIB: u32 = 16;
+/// Set once at start: whether transfers use [`QUICK_MIB`].
+static QUICK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// MiB a network or vsock workload moves in this run.
+fn xfer_mib(full: u32) -> u32 {
+    if QUICK.get().copied().unwrap_or(false) {
+        QUICK_MIB
+    } else {
+        full
+    }
+}
 
 /// The guest command timing one TCP transfer with busybox nc.
 fn net_command(to_guest: bool) -> String {
+    let mib = xfer_mib(NET_MIB);
     let xfer = if to_guest {
         format!("nc {BENCH_HOST_IP} {NET_PORT} >/dev/null")
     } else {
-        format!("dd if=/dev/zero bs=1048576 count={NET_MIB} 2>/dev/null | nc {BENCH_HOST_IP} {NET_PORT}")
+        format!(
+            "dd if=/dev/zero bs=1048576 count={mib} 2>/dev/null | nc {BENCH_HOST_IP} {NET_PORT}"
+        )
     };
     format!(
         "busybox sh -c 'a=$(cut -d\\  -f1 /proc/uptime); {xfer}; \
-         b=$(cut -d\\  -f1 /proc/uptime); echo NET={NET_MIB} $a $b'"
+         b=$(cut -d\\  -f1 /proc/uptime); echo NET={mib} $a $b'"
     )
 }
 
@@ -266,7 +283,8 @@ fn workloads() -> Result<Vec<Workload>> {
             def: def("vsock_stream_mibs")?,
             spec: GuestSpec {
                 gi_cmd: Some(format!(
-                    "gtool vsock-source 2 {VSOCK_PORT} {VSOCK_MIB}m"
+                    "gtool vsock-source 2 {VSOCK_PORT} {}m",
+                    xfer_mib(VSOCK_MIB)
                 )),
                 vsock_uds: Some(PathBuf::new()),
                 ..boot(1)
@@ -526,8 +544,8 @@ fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) ->
     let run = run?;
     if let Some(served) = served {
         let want = match w.probe {
-            Probe::VsockFromGuest => u64::from(VSOCK_MIB) << 20,
-            _ => u64::from(NET_MIB) << 20,
+            Probe::VsockFromGuest => u64::from(xfer_mib(VSOCK_MIB)) << 20,
+            _ => u64::from(xfer_mib(NET_MIB)) << 20,
         };
         let got = served.context("host side of the transfer")?;
         if got != want {
@@ -607,7 +625,7 @@ impl HostServer {
         let addr = format!("{BENCH_HOST_IP}:{NET_PORT}");
         let l = std::net::TcpListener::bind(&addr)
             .with_context(|| format!("binding {addr} (is the tap {BENCH_TAP} up?)"))?;
-        let bytes = u64::from(NET_MIB) << 20;
+        let bytes = u64::from(xfer_mib(NET_MIB)) << 20;
         HostServer::start(l, timeout, move |s| {
             if send {
                 send_bytes(s, bytes)
@@ -738,6 +756,7 @@ fn format_value(v: f64, unit: &str) -> String {
 
 fn real_main() -> Result<ExitCode> {
     let args = Args::parse();
+    let _ = QUICK.set(args.quick);
     let repo = repo_root();
     let chosen = selected(&args)?;
     check_inputs(&repo)?;
