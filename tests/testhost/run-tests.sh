@@ -16,12 +16,8 @@ failed=0
 #   the nested test host itself also wedged or panicked (stack guard page in
 #   __svm_vcpu_run) during this workload. Run it by hand with
 #     tests/testhost/run -- target/debug/deps/net-* --ignored ping_and_256_mib_tcp_both_ways
-# - restored_guest_continues_its_count_and_ends_with_its_status (issue "snapshot/restore"):
-#   the count continues after restore, but guest-init dies with SIGSEGV at its final
-#   status-port write (an `out` allowed by ioperm before the snapshot), so the exit status
-#   is lost. Under investigation.
-skips=(--skip ping_and_256_mib_tcp_both_ways --skip restored_guest_continues_its_count_and_ends_with_its_status)
-for s in ping_and_256_mib_tcp_both_ways restored_guest_continues_its_count_and_ends_with_its_status; do
+skips=(--skip ping_and_256_mib_tcp_both_ways)
+for s in ping_and_256_mib_tcp_both_ways; do
     echo "run-tests: SKIPPING $s (known defect, see tests/testhost/run-tests.sh)"
 done
 ordered=()

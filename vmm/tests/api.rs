@@ -9,7 +9,6 @@
 //! guest counting on its console, metrics after boot, and configuration refused after
 //! start.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 use tests::{require_genuine_kvm, Artifacts};
+
+mod common;
 
 // ---- a raw HTTP/1.1 client (a test client, not a parser) -------------------------------
 
@@ -52,29 +53,9 @@ impl Reply {
 }
 
 fn http(sock: &Path, method: &str, path: &str, body: Option<&Json>) -> Reply {
-    let body = body.map(Json::to_string).unwrap_or_default();
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read the answer");
-    let text = String::from_utf8(out).expect("UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete answer");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    Reply {
-        status,
-        body: body.to_string(),
-    }
+    let body = body.map(Json::to_string);
+    let (status, body) = common::api_request(sock, method, path, body.as_deref());
+    Reply { status, body }
 }
 
 // ---- a vmm process ------------------------------------------------------------------------

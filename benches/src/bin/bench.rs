@@ -79,6 +79,8 @@ enum Probe {
     NetFromGuest,
     /// MiB/s of a vsock stream the guest sends to a host listener (gtool's SOURCE_MIBS).
     VsockFromGuest,
+    /// ms from spawning the VMM to its control socket answering (no guest runs).
+    ApiReady,
 }
 
 /// The host end of the benchmark network: a tap with this address, made by the harness.
@@ -225,6 +227,13 @@ fn workloads() -> Result<Vec<Workload>> {
             spec: boot(2),
             probe: Probe::BootReady,
             method: "VMM process spawn to the console line `guest-init: ready`; 2 vCPUs, 128 MiB, initramfs, quiet",
+            qemu_peer: true,
+        },
+        Workload {
+            def: def("api_ready_ms")?,
+            spec: boot(1),
+            probe: Probe::ApiReady,
+            method: "spawn to the control socket answering: ours `vmm --api-sock S` answering `GET /` with 200; qemu microvm with -S (vCPUs not started) and -qmp unix:S sending its QMP greeting; polled every 1 ms",
             qemu_peer: true,
         },
         Workload {
@@ -503,6 +512,9 @@ impl Drop for ScratchDisk {
 }
 
 fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) -> Result<f64> {
+    if w.probe == Probe::ApiReady {
+        return api_ready_once(side, inputs, timeout);
+    }
     let mut spec = w.spec.clone();
     let disk = match spec.disk {
         Some(_) => Some(ScratchDisk::new(inputs, side)?),
@@ -560,7 +572,98 @@ fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) ->
         Probe::GuestValue(key) => guest_number(lines, key),
         Probe::VsockFromGuest => guest_number(lines, "SOURCE_MIBS"),
         Probe::NetToGuest | Probe::NetFromGuest => Ok(mibs_to_gbps(parse_timed(lines, "NET")?)),
+        // Measured before any VM is built (see the top of this function).
+        Probe::ApiReady => bail!("api_ready_ms is measured without a guest"),
     }
+}
+
+/// Spawns the VMM with only its control socket and times it until the socket answers:
+/// our API's `GET /` (200), or qemu's QMP greeting.
+fn api_ready_once(side: Side, inputs: &Inputs, timeout: Duration) -> Result<f64> {
+    use std::io::{Read, Write};
+    let dir = inputs
+        .kernel
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let sock = dir.join(format!("api-{}.sock", side.as_str()));
+    let _ = fs::remove_file(&sock);
+    let mut cmd = match side {
+        Side::Ours => {
+            let mut c = Command::new(&inputs.vmm);
+            c.arg("--api-sock").arg(&sock);
+            c
+        }
+        Side::Peer => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off"])
+                .args(["-enable-kvm", "-cpu", "host", "-m", "128", "-S"])
+                .args(["-nodefaults", "-no-user-config", "-nographic"])
+                .args(["-serial", "none", "-monitor", "none"])
+                .arg("-kernel")
+                .arg(&inputs.kernel)
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", sock.display()));
+            c
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+    let result = (|| -> Result<f64> {
+        loop {
+            if start.elapsed() > timeout {
+                bail!(
+                    "the control socket did not answer within {}s",
+                    timeout.as_secs()
+                );
+            }
+            if let Some(st) = child.try_wait().context("waiting for the VMM")? {
+                bail!("the VMM exited with {st} before its control socket answered");
+            }
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) else {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            };
+            s.set_read_timeout(Some(timeout))
+                .context("socket timeout")?;
+            let want = match side {
+                Side::Ours => {
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                        .context("sending GET /")?;
+                    "HTTP/1.1 200"
+                }
+                Side::Peer => "\"QMP\"",
+            };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while !String::from_utf8_lossy(&got).contains(want) {
+                let n = s.read(&mut buf).context("reading the control socket")?;
+                if n == 0 {
+                    bail!(
+                        "the control socket closed without {want}: {:?}",
+                        String::from_utf8_lossy(&got)
+                    );
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            return Ok(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    })();
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        if result.is_err() {
+            let _ = e.read_to_string(&mut err);
+        }
+    }
+    let _ = child.wait();
+    let _ = fs::remove_file(&sock);
+    result.with_context(|| format!("stderr: {}", err.trim()))
 }
 
 /// The number the guest printed as `KEY=<number>`.

@@ -2,15 +2,12 @@
 
 use super::*;
 use crate::virtio::test_utils::mem;
-use crate::virtio::{INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
+use crate::virtio::{DeviceCommon, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 
 const FEATURE_X: u64 = 1 << 3;
 
 struct Dummy {
-    max: Vec<u16>,
-    evts: Vec<EventFd>,
-    acked: u64,
-    config: Vec<u8>,
+    common: DeviceCommon,
     config_writes: Vec<(u64, Vec<u8>)>,
     activated: Option<Vec<Queue>>,
     fail_activate: bool,
@@ -20,13 +17,13 @@ struct Dummy {
 impl Dummy {
     fn new(max: &[u16]) -> Dummy {
         Dummy {
-            max: max.to_vec(),
-            evts: max
-                .iter()
-                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-                .collect(),
-            acked: 0,
-            config: (1..=8).collect(),
+            common: DeviceCommon::new(
+                crate::virtio::TYPE_RNG,
+                feature(VIRTIO_F_VERSION_1) | FEATURE_X,
+                max,
+                (1..=8).collect(),
+            )
+            .unwrap(),
             config_writes: vec![],
             activated: None,
             fail_activate: false,
@@ -36,26 +33,11 @@ impl Dummy {
 }
 
 impl VirtioDevice for Dummy {
-    fn device_type(&self) -> u32 {
-        crate::virtio::TYPE_RNG
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.max
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.evts
-    }
-    fn avail_features(&self) -> u64 {
-        feature(VIRTIO_F_VERSION_1) | FEATURE_X
-    }
-    fn acked_features(&self) -> u64 {
-        self.acked
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked = features;
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::virtio::read_config_bytes(&self.config, offset, data);
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.config_writes.push((offset, data.to_vec()));
@@ -74,7 +56,7 @@ impl VirtioDevice for Dummy {
     }
     fn reset(&mut self) {
         self.activated = None;
-        self.acked = 0;
+        self.common.reset();
         self.resets += 1;
     }
     fn is_activated(&self) -> bool {
@@ -183,13 +165,13 @@ fn negotiation_accepts_version_1_subset() {
     let mut r = rig();
     let f = feature(VIRTIO_F_VERSION_1) | FEATURE_X;
     assert_eq!(r.negotiate(f), READY);
-    assert_eq!(r.dev.lock().unwrap().acked, f);
+    assert_eq!(r.dev.lock().unwrap().acked_features(), f);
     // Feature writes after FEATURES_OK are ignored.
     r.driver_features(feature(VIRTIO_F_VERSION_1));
     r.w(reg::STATUS, 0);
     assert_eq!(r.negotiate(feature(VIRTIO_F_VERSION_1)), READY);
     assert_eq!(
-        r.dev.lock().unwrap().acked,
+        r.dev.lock().unwrap().acked_features(),
         feature(VIRTIO_F_VERSION_1),
         "reset cleared the old features"
     );
@@ -199,7 +181,7 @@ fn negotiation_accepts_version_1_subset() {
 fn legacy_driver_without_version_1_is_refused() {
     let mut r = rig();
     assert_eq!(r.negotiate(FEATURE_X), ACKNOWLEDGE | DRIVER);
-    assert_eq!(r.dev.lock().unwrap().acked, 0);
+    assert_eq!(r.dev.lock().unwrap().acked_features(), 0);
     // And DRIVER_OK cannot follow without FEATURES_OK.
     r.setup_all();
     assert_eq!(r.driver_ok(), ACKNOWLEDGE | DRIVER);
@@ -506,8 +488,11 @@ fn queue_notify_signals_the_queue_eventfd() {
     // The transport's EventFds are the device's: reading through the device's copy
     // drains what the notify wrote.
     let d = r.dev.lock().unwrap();
-    assert_eq!(d.evts[1].read().unwrap(), 2);
-    assert!(d.evts[0].read().is_err(), "queue 0 was not notified");
+    assert_eq!(d.queue_events()[1].read().unwrap(), 2);
+    assert!(
+        d.queue_events()[0].read().is_err(),
+        "queue 0 was not notified"
+    );
     assert_eq!(r.t.queue_evts().len(), 2);
 }
 
@@ -520,7 +505,7 @@ fn construction_checks_the_device() {
         Err(TransportError::QueueMaxSize { index: 0, size: 12 })
     ));
     let mut d = Dummy::new(&[16, 16]);
-    d.evts.pop();
+    d.common.queue_evts.pop();
     assert!(matches!(
         MmioTransport::new(Arc::new(Mutex::new(d)), mem(), irq()),
         Err(TransportError::QueueEventCount {

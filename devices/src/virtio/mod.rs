@@ -8,6 +8,7 @@
 //! queue EventFds as ioeventfds and the interrupt EventFd as an irqfd.
 
 pub mod block;
+pub mod common;
 pub mod mmio;
 pub mod net;
 pub mod queue_handler;
@@ -25,6 +26,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use common::DeviceCommon;
 pub use mmio::{
     MmioRestoreError, MmioState, MmioTransport, QueueConfigState, QueuePosition, TransportError,
     MMIO_SIZE,
@@ -142,23 +144,45 @@ impl VirtioInterrupt for IrqfdInterrupt {
 /// handler registers its own copies on the event loop once activated. This keeps
 /// `activate` free of fd plumbing.
 pub trait VirtioDevice: Send {
+    /// The transport-facing state the default methods below read.
+    fn common(&self) -> &DeviceCommon;
+    /// Mutable access to the same state.
+    fn common_mut(&mut self) -> &mut DeviceCommon;
     /// Device type (virtio 1.2 §5), e.g. [`TYPE_BLOCK`].
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
     /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
     /// One notification EventFd per queue, in queue order.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        self.common().queue_events()
+    }
+    /// Written by `activate` (on a vCPU thread) to wake the event loop.
+    fn activate_evt(&self) -> &EventFd {
+        self.common().activate_evt()
+    }
     /// Features the device offers.
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
     /// Features the driver accepted (a subset of `avail_features`).
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.common().acked_features()
+    }
     /// Records the features the driver accepted, at FEATURES_OK.
-    fn set_acked_features(&mut self, features: u64);
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().set_acked_features(features);
+    }
     /// Reads the device configuration space at `offset`. Out-of-range bytes read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.common().read_config(offset, data);
+    }
     /// Writes the device configuration space at `offset`. Unknown or read-only bytes are
-    /// ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// ignored; by default every byte is (none of the devices here has a writable field).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with the queues the driver configured.
     fn activate(
         &mut self,
@@ -171,6 +195,21 @@ pub trait VirtioDevice: Send {
     /// Whether `activate` succeeded and no reset happened since.
     fn is_activated(&self) -> bool;
 }
+
+/// Implements [`VirtioDevice::common`] and [`VirtioDevice::common_mut`] over the
+/// [`DeviceCommon`] field `$field`, inside an `impl VirtioDevice` block.
+macro_rules! common_accessors {
+    ($field:ident) => {
+        fn common(&self) -> &$crate::virtio::DeviceCommon {
+            &self.$field
+        }
+
+        fn common_mut(&mut self) -> &mut $crate::virtio::DeviceCommon {
+            &mut self.$field
+        }
+    };
+}
+pub(crate) use common_accessors;
 
 /// Declares a struct of `AtomicU64` counters with a `snapshot()` listing them by name, so
 /// the list the API reports cannot drift from the fields.

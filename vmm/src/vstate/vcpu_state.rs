@@ -17,8 +17,9 @@
 //! Restore order:
 //! 1. CPUID first: KVM checks XSAVE/XCR0, MSR writes and the LAPIC against the guest CPUID.
 //! 2. TSC frequency before the TSC MSR, so the TSC offset is computed at the right ratio.
-//! 3. mp_state, regs, sregs (SET_SREGS sets the APIC base, which SET_LAPIC needs), fpu,
-//!    xsave (after fpu: it holds the same x87/SSE state and wins), xcrs, debugregs.
+//! 3. mp_state, regs, sregs (SET_SREGS sets the APIC base, which SET_LAPIC needs; on SVM
+//!    TR goes back without its busy bit, see `sregs_for_set`), fpu, xsave (after fpu: it
+//!    holds the same x87/SSE state and wins), xcrs, debugregs.
 //! 4. LAPIC before MSRs: MSR_IA32_TSC_DEADLINE only takes when the LAPIC timer is in
 //!    TSC-deadline mode. In the MSR list the TSC comes before TSC_DEADLINE, as the deadline
 //!    is a guest TSC value.
@@ -375,7 +376,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
     fd.set_mp_state(s.mp_state)
         .map_err(ioctl("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
-    fd.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    fd.set_sregs(&sregs_for_set(&s.sregs, host_uses_svm()))
+        .map_err(ioctl("KVM_SET_SREGS"))?;
     fd.set_fpu(&kvm_fpu::from(&s.fpu))
         .map_err(ioctl("KVM_SET_FPU"))?;
     if let Some(xsave) = &s.xsave {
@@ -398,6 +400,39 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
     // EINVAL when the guest has not set up kvmclock: nothing to tell it then.
     let _ = fd.kvmclock_ctrl();
     Ok(())
+}
+
+/// The TSS descriptor types (Intel SDM vol. 3, table 3-2): available and busy 32/64-bit TSS.
+const TSS_AVAILABLE: u8 = 0x9;
+const TSS_BUSY: u8 = 0xb;
+
+/// Whether this host's KVM runs guests with AMD SVM (kvm_amd) rather than Intel VMX: the
+/// SVM feature bit, CPUID 0x8000_0001 ECX[2], which no Intel CPU sets.
+fn host_uses_svm() -> bool {
+    static SVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SVM.get_or_init(|| {
+        let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+        max_ext >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 2) != 0
+    })
+}
+
+/// The saved `sregs` as KVM_SET_SREGS should get them.
+///
+/// On SVM the VMCB keeps TR's hidden type as the CPU loaded it, "available" (9): LTR marks
+/// the descriptor in the GDT busy but caches it as it read it. KVM_GET_SREGS reports it
+/// busy (11) all the same (`svm_get_segment` sets the bit, for VMX, whose VM entry demands
+/// a busy TR), and KVM_SET_SREGS writes whatever it is given into the VMCB. Restored as 11,
+/// the guest runs with a TR the CPU never loaded itself; a CPU that checks the cached type
+/// when it consults the TSS I/O permission bitmap (QEMU's TCG SVM, our test host) then
+/// refuses every user-space IN/OUT, even to ports the task was granted with ioperm(): the
+/// guest process gets SIGSEGV. So on SVM the busy bit goes back to what the VMCB held.
+/// VMX keeps 11.
+fn sregs_for_set(saved: &kvm_sregs, svm: bool) -> kvm_sregs {
+    let mut sregs = *saved;
+    if svm && sregs.tr.s == 0 && sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
 }
 
 /// Writes the MSRs. KVM stops at the first write it refuses; a refused write of the value
@@ -486,6 +521,25 @@ mod tests {
         let mut m = vec![e(0x6e0, 0), e(0x10, 100)];
         order_msrs(&mut m, Some(&lapic_with_lvtt(1 << 17)));
         assert_eq!(m[1].data, 0, "periodic mode: deadline unused");
+    }
+
+    #[test]
+    fn busy_tr_is_restored_available_on_svm_only() {
+        let mut saved = kvm_sregs::default();
+        saved.tr.type_ = TSS_BUSY;
+        saved.tr.present = 1;
+        assert_eq!(sregs_for_set(&saved, true).tr.type_, TSS_AVAILABLE);
+        assert_eq!(sregs_for_set(&saved, false).tr.type_, TSS_BUSY);
+        // Only the TR's type changes.
+        let mut back = sregs_for_set(&saved, true);
+        back.tr.type_ = TSS_BUSY;
+        assert_eq!(back, saved);
+        // Anything but a busy system-segment TR is left alone.
+        saved.tr.type_ = TSS_AVAILABLE;
+        assert_eq!(sregs_for_set(&saved, true), saved);
+        saved.tr.type_ = TSS_BUSY;
+        saved.tr.s = 1;
+        assert_eq!(sregs_for_set(&saved, true), saved);
     }
 
     #[test]

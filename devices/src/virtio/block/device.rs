@@ -9,18 +9,17 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, RawFile};
 use super::metrics::BlockMetrics;
 use super::request::{self, RequestError, RequestType, ID_BYTES, VIRTIO_BLK_S_OK};
 use super::{
-    config_space, BlockError, CONFIG_LEN, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE,
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    config_space, BlockError, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };
 use crate::virtio::queue_handler::{drain_queue, Chain};
 use crate::virtio::{
-    count, feature, read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK,
+    count, feature, ActivateError, DeviceCommon, VirtioDevice, VirtioInterrupt, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -48,15 +47,8 @@ struct Backend {
 /// another with the event manager (`Mutex<T: MutEventSubscriber>` is a subscriber).
 pub struct Block {
     backend: Backend,
-    config: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    common: DeviceCommon,
     active: Option<Active>,
-    /// Whether the event handler has put the queue EventFd on the event loop.
-    pub(super) queues_registered: bool,
     /// The image's path, if opened from one: a snapshot records it to reopen the image.
     path: Option<PathBuf>,
 }
@@ -95,7 +87,6 @@ impl Block {
                 .ok_or(BlockError::SerialTooLong(s.len()))?;
             dst.copy_from_slice(s.as_bytes());
         }
-        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd);
         let sectors = disk.size() / SECTOR_SIZE;
         let mut avail_features = feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_INDIRECT_DESC)
@@ -114,14 +105,14 @@ impl Block {
                 capacity: sectors * SECTOR_SIZE,
                 metrics: Arc::new(BlockMetrics::default()),
             },
-            config: config_space(sectors),
-            avail_features,
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE],
-            queue_evts: [new_evt()?],
-            activate_evt: new_evt()?,
+            common: DeviceCommon::new(
+                TYPE_BLOCK,
+                avail_features,
+                &[QUEUE_SIZE],
+                config_space(sectors).to_vec(),
+            )
+            .map_err(BlockError::EventFd)?,
             active: None,
-            queues_registered: false,
             path: None,
         })
     }
@@ -129,11 +120,6 @@ impl Block {
     /// The device's counters.
     pub fn metrics(&self) -> Arc<BlockMetrics> {
         self.backend.metrics.clone()
-    }
-
-    /// Written by `activate` (on a vCPU thread) to wake the event loop.
-    pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
     }
 
     /// Capacity in 512-byte sectors, as the guest sees it.
@@ -230,38 +216,9 @@ impl Backend {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // No writable field: `writeback` needs VIRTIO_BLK_F_CONFIG_WCE, not offered
-        // (virtio 1.2 §5.2.4).
-    }
+    crate::virtio::common_accessors!(common);
+    // `write_config` keeps the default (ignore): no writable field, `writeback` needs
+    // VIRTIO_BLK_F_CONFIG_WCE, not offered (virtio 1.2 §5.2.4).
 
     fn activate(
         &mut self,
@@ -269,14 +226,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        let got = queues.len();
-        let Ok::<[Queue; 1], _>([queue]) = queues.try_into() else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
+        let [queue] = self.common.activate_queues(self.active.is_some(), queues)?;
         self.active = Some(Active {
             mem,
             queue,
@@ -287,7 +237,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
     }
 
     fn is_activated(&self) -> bool {

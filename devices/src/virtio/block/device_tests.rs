@@ -15,6 +15,7 @@ use event_manager::{EventManager, SubscriberOps};
 use std::sync::Mutex;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::{Address, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
 const W: u32 = VRING_DESC_F_WRITE;

@@ -8,7 +8,8 @@
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Block;
-use crate::virtio::{register_queue_events, VirtioDevice, ACTIVATE_EVENT, QUEUE_EVENT_BASE};
+use crate::virtio::common::single_queue_event;
+use crate::virtio::VirtioDevice;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
@@ -16,23 +17,6 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_EVENT => {
-                // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
-                let _ = self.activate_evt().read();
-                if !self.queues_registered {
-                    self.queues_registered =
-                        register_queue_events(ops, self.queue_events(), "virtio-blk");
-                }
-                self.process_queue();
-            }
-            QUEUE_EVENT_BASE => {
-                if let Some(evt) = self.queue_events().first() {
-                    let _ = evt.read();
-                }
-                self.process_queue();
-            }
-            _ => {}
-        }
+        single_queue_event(self, events, ops, "virtio-blk", Block::process_queue);
     }
 }

@@ -63,7 +63,7 @@ impl Block {
             read_only: self.backend.read_only,
             serial,
             capacity_sectors: self.capacity_sectors(),
-            acked_features: self.acked_features,
+            acked_features: self.acked_features(),
             queues: self
                 .active
                 .as_ref()

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::features::{
@@ -23,12 +22,11 @@ use super::rx::{RxContext, RxState};
 use super::tap::Tap;
 use super::tx::{transmit, TxOutcome};
 use super::{
-    config_space, random_mac, NetError, CONFIG_LEN, MIN_MTU, QUEUE_SIZE, RX_QUEUE, STATUS_LINK_UP,
-    TX_QUEUE,
+    config_space, random_mac, NetError, MIN_MTU, QUEUE_SIZE, RX_QUEUE, STATUS_LINK_UP, TX_QUEUE,
 };
 use crate::virtio::queue_handler::drain_queue;
 use crate::virtio::{
-    count, feature, read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET,
+    count, feature, ActivateError, DeviceCommon, VirtioDevice, VirtioInterrupt, TYPE_NET,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -53,12 +51,7 @@ pub struct Net {
     mac: [u8; 6],
     mtu: Option<u16>,
     status: u16,
-    config: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: [u16; 2],
-    queue_evts: [EventFd; 2],
-    activate_evt: EventFd,
+    common: DeviceCommon,
     active: Option<Active>,
     rx: RxState,
     /// The tap may have frames: set by a tap edge, cleared by EAGAIN.
@@ -66,8 +59,6 @@ pub struct Net {
     /// Whether an offload failure has been logged (once per device).
     offload_warned: bool,
     metrics: Arc<NetMetrics>,
-    /// Whether the event handler has put the queue EventFds on the event loop.
-    pub(super) queues_registered: bool,
 }
 
 impl Net {
@@ -94,7 +85,6 @@ impl Net {
             Some(m) => m,
             None => random_mac().map_err(NetError::Random)?,
         };
-        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         let mut avail_features = [
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_INDIRECT_DESC,
@@ -119,18 +109,18 @@ impl Net {
             mac,
             mtu,
             status: STATUS_LINK_UP,
-            config: config_space(mac, STATUS_LINK_UP, mtu),
-            avail_features,
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE; 2],
-            queue_evts: [new_evt()?, new_evt()?],
-            activate_evt: new_evt()?,
+            common: DeviceCommon::new(
+                TYPE_NET,
+                avail_features,
+                &[QUEUE_SIZE; 2],
+                config_space(mac, STATUS_LINK_UP, mtu).to_vec(),
+            )
+            .map_err(NetError::EventFd)?,
             active: None,
             rx: RxState::default(),
             tap_readable: true,
             offload_warned: false,
             metrics: Arc::new(NetMetrics::default()),
-            queues_registered: false,
         })
     }
 
@@ -154,11 +144,6 @@ impl Net {
         self.metrics.clone()
     }
 
-    /// Written by `activate` (on a vCPU thread) to wake the event loop.
-    pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
-    }
-
     /// The backend's fd, put on the event loop for readability.
     pub fn tap_fd(&self) -> std::os::fd::RawFd {
         self.backend.as_raw_fd()
@@ -177,7 +162,8 @@ impl Net {
             return;
         }
         self.status = status;
-        self.config = config_space(self.mac, status, self.mtu);
+        self.common
+            .set_config(config_space(self.mac, status, self.mtu).to_vec());
         if let Some(a) = &self.active {
             a.interrupt.signal_config_change();
         }
@@ -211,7 +197,7 @@ impl Net {
             return;
         }
         a.offloads_set = true;
-        let flags = Net::offload_flags(self.acked_features);
+        let flags = Net::offload_flags(self.common.acked_features());
         if let Err(e) = self.backend.set_offload(flags) {
             // Host-side, but a guest can repeat activations: log the first failure only.
             if !self.offload_warned {
@@ -230,7 +216,7 @@ impl Net {
         };
         let m = &self.metrics;
         let backend = self.backend.as_mut();
-        let (acked, mtu) = (self.acked_features, self.mtu);
+        let (acked, mtu) = (self.common.acked_features(), self.mtu);
         let mem = &a.mem;
         let result = drain_queue(&mut a.tx_queue, mem, |chain| {
             let c = match transmit(mem, chain, backend, acked, mtu) {
@@ -277,7 +263,7 @@ impl Net {
             mem: &a.mem,
             queue: &mut a.rx_queue,
             backend: self.backend.as_mut(),
-            acked: self.acked_features,
+            acked: self.common.acked_features(),
             mtu: self.mtu,
             metrics: &self.metrics,
             tap_readable: &mut self.tap_readable,
@@ -287,7 +273,7 @@ impl Net {
             a.interrupt.signal_used_queue();
         }
         if run.yielded {
-            if let Some(evt) = self.queue_evts.get(RX_QUEUE) {
+            if let Some(evt) = self.common.queue_events().get(RX_QUEUE) {
                 // Fails only if the counter would overflow: then a wake-up is pending anyway.
                 let _ = evt.write(1);
             }
@@ -307,38 +293,10 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        TYPE_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // virtio 1.2 §5.1.4.2: the driver MUST NOT write the config space; `mac` is only
-        // writable through the legacy interface, which this device does not have.
-    }
+    crate::virtio::common_accessors!(common);
+    // `write_config` keeps the default (ignore): virtio 1.2 §5.1.4.2, the driver MUST NOT
+    // write the config space; `mac` is only writable through the legacy interface, which
+    // this device does not have.
 
     fn activate(
         &mut self,
@@ -346,14 +304,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        let got = queues.len();
-        let Ok::<[Queue; 2], _>([rx_queue, tx_queue]) = queues.try_into() else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
+        let [rx_queue, tx_queue] = self.common.activate_queues(self.active.is_some(), queues)?;
         self.rx.reset();
         // Frames may have arrived while inactive: look at the tap once.
         self.tap_readable = true;
@@ -369,7 +320,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
         self.rx.reset();
     }
 

@@ -15,7 +15,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::Net;
 use super::{RX_QUEUE, TX_QUEUE};
-use crate::virtio::{register_queue_events, VirtioDevice, ACTIVATE_EVENT, QUEUE_EVENT_BASE};
+use crate::virtio::{VirtioDevice, ACTIVATE_EVENT, QUEUE_EVENT_BASE};
 
 /// Event-manager data tag of the tap fd.
 pub const TAP_EVENT: u32 = 100;
@@ -42,12 +42,7 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             ACTIVATE_EVENT => {
-                // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
-                let _ = self.activate_evt().read();
-                if !self.queues_registered {
-                    self.queues_registered =
-                        register_queue_events(ops, self.queue_events(), "virtio-net");
-                }
+                self.common_mut().activation_event(ops, "virtio-net");
                 self.process_tx();
                 self.process_rx();
             }

@@ -45,7 +45,7 @@ impl Net {
             mac: self.mac,
             mtu: self.mtu,
             link_up: self.link_up(),
-            acked_features: self.acked_features,
+            acked_features: self.acked_features(),
             queues: self.active.as_ref().map(|a| {
                 let mut q = vec![QueuePosition::default(); 2];
                 q[RX_QUEUE] = QueuePosition::of(&a.rx_queue);

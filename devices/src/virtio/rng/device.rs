@@ -8,13 +8,13 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::RngMetrics;
 use super::{RngError, MAX_BYTES_PER_CHAIN, MAX_DESCRIPTORS_PER_CHAIN, QUEUE_SIZE};
 use crate::virtio::queue_handler::{drain_queue, Chain};
 use crate::virtio::{
-    count, feature, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
+    count, feature, ActivateError, DeviceCommon, VirtioDevice, VirtioInterrupt, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 
 struct Active {
@@ -26,14 +26,9 @@ struct Active {
 /// A virtio-rng device. Wire it like [`crate::virtio::block::Block`]: one
 /// `Arc<Mutex<Rng>>` for the transport, one for the event manager.
 pub struct Rng {
-    acked_features: u64,
-    queue_max_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    common: DeviceCommon,
     active: Option<Active>,
     metrics: Arc<RngMetrics>,
-    /// Whether the event handler has put the queue EventFd on the event loop.
-    pub(super) queues_registered: bool,
 }
 
 /// Fills `slice` from getrandom(2).
@@ -61,26 +56,20 @@ fn fill_random(slice: &VolatileSlice<'_>) -> io::Result<()> {
 impl Rng {
     /// A new, inactive entropy device.
     pub fn new() -> Result<Rng, RngError> {
-        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(RngError::EventFd);
+        // virtio 1.2 §5.4.4: no configuration space.
+        let common =
+            DeviceCommon::new(TYPE_RNG, feature(VIRTIO_F_VERSION_1), &[QUEUE_SIZE], vec![])
+                .map_err(RngError::EventFd)?;
         Ok(Rng {
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE],
-            queue_evts: [new_evt()?],
-            activate_evt: new_evt()?,
+            common,
             active: None,
             metrics: Arc::new(RngMetrics::default()),
-            queues_registered: false,
         })
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> Arc<RngMetrics> {
         self.metrics.clone()
-    }
-
-    /// Written by `activate` (on a vCPU thread) to wake the event loop.
-    pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
     }
 
     /// Serves every available chain and interrupts the guest if it asked for it. Does
@@ -148,36 +137,7 @@ fn handle_chain(mem: &GuestMemoryMmap, chain: Chain<'_>, m: &RngMetrics) -> u32 
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        TYPE_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        feature(VIRTIO_F_VERSION_1)
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // virtio 1.2 §5.4.4: no configuration space.
-        data.fill(0);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    crate::virtio::common_accessors!(common);
 
     fn activate(
         &mut self,
@@ -185,14 +145,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        let got = queues.len();
-        let Ok::<[Queue; 1], _>([queue]) = queues.try_into() else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
+        let [queue] = self.common.activate_queues(self.active.is_some(), queues)?;
         self.active = Some(Active {
             mem,
             queue,
@@ -203,7 +156,7 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
     }
 
     fn is_activated(&self) -> bool {

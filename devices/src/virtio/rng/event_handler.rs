@@ -5,7 +5,8 @@
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Rng;
-use crate::virtio::{register_queue_events, VirtioDevice, ACTIVATE_EVENT, QUEUE_EVENT_BASE};
+use crate::virtio::common::single_queue_event;
+use crate::virtio::VirtioDevice;
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
@@ -13,23 +14,6 @@ impl MutEventSubscriber for Rng {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_EVENT => {
-                // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
-                let _ = self.activate_evt().read();
-                if !self.queues_registered {
-                    self.queues_registered =
-                        register_queue_events(ops, self.queue_events(), "virtio-rng");
-                }
-                self.process_queue();
-            }
-            QUEUE_EVENT_BASE => {
-                if let Some(evt) = self.queue_events().first() {
-                    let _ = evt.read();
-                }
-                self.process_queue();
-            }
-            _ => {}
-        }
+        single_queue_event(self, events, ops, "virtio-rng", Rng::process_queue);
     }
 }

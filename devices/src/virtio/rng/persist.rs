@@ -22,7 +22,7 @@ impl Rng {
     /// The device's snapshot state. Take it with the event loop and vCPUs paused.
     pub fn save_state(&self) -> RngState {
         RngState {
-            acked_features: self.acked_features,
+            acked_features: self.acked_features(),
             queues: self
                 .active
                 .as_ref()

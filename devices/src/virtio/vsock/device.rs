@@ -12,19 +12,18 @@ use std::sync::Arc;
 use event_manager::EventSet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::VsockMetrics;
 use super::muxer::{EventRegistry, Limits, Muxer};
 use super::packet::{self, RxBuffer};
 use super::{
-    config_space, validate_cid, VsockError, CONFIG_LEN, EVENT_QUEUE, EVENT_TRANSPORT_RESET,
-    NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    config_space, validate_cid, VsockError, EVENT_QUEUE, EVENT_TRANSPORT_RESET, NUM_QUEUES,
+    QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
 use crate::virtio::queue_handler::Chain;
 use crate::virtio::{
-    count, feature, read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt,
-    ACTIVATE_EVENT, QUEUE_EVENT_BASE, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    count, feature, ActivateError, DeviceCommon, VirtioDevice, VirtioInterrupt, ACTIVATE_EVENT,
+    QUEUE_EVENT_BASE, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Running state: what activation handed over.
@@ -41,12 +40,9 @@ struct Active {
 /// timer, client streams) on the event loop once activated.
 pub struct Vsock {
     guest_cid: u64,
-    config: [u8; CONFIG_LEN],
-    acked_features: u64,
-    queue_max_sizes: [u16; NUM_QUEUES],
-    queue_evts: [EventFd; NUM_QUEUES],
-    /// Written by `activate`, `reset` and `send_transport_reset` to wake the event loop.
-    activate_evt: EventFd,
+    /// Its activation EventFd is written by `activate`, `reset` and
+    /// `send_transport_reset` to wake the event loop.
+    common: DeviceCommon,
     active: Option<Active>,
     muxer: Muxer,
     metrics: Arc<VsockMetrics>,
@@ -73,14 +69,18 @@ impl Vsock {
         let guest_cid = validate_cid(guest_cid)?;
         let metrics = Arc::new(VsockMetrics::default());
         let muxer = Muxer::new(guest_cid, uds_path, metrics.clone())?;
-        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
+        // Stream sockets only: no VIRTIO_VSOCK_F_SEQPACKET. Without feature bits both
+        // sides act as if VIRTIO_VSOCK_F_STREAM were negotiated (virtio 1.2 §5.10.3).
+        let common = DeviceCommon::new(
+            TYPE_VSOCK,
+            feature(VIRTIO_F_VERSION_1),
+            &[QUEUE_SIZE; NUM_QUEUES],
+            config_space(guest_cid).to_vec(),
+        )
+        .map_err(VsockError::EventFd)?;
         Ok(Vsock {
             guest_cid,
-            config: config_space(guest_cid),
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE; NUM_QUEUES],
-            queue_evts: [new_evt()?, new_evt()?, new_evt()?],
-            activate_evt: new_evt()?,
+            common,
             active: None,
             muxer,
             metrics,
@@ -119,11 +119,6 @@ impl Vsock {
         self.muxer.limits_mut()
     }
 
-    /// Written by `activate` (on a vCPU thread) to wake the event loop.
-    pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
-    }
-
     /// Tells the guest driver that communication was interrupted (after a snapshot
     /// restore): puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the event queue and drops
     /// every connection (virtio 1.2 §5.10.6.7). The guest keeps its listeners. The work
@@ -136,7 +131,7 @@ impl Vsock {
     }
 
     fn wake(&self) {
-        if self.activate_evt.write(1).is_err() {
+        if self.common.activate_evt().write(1).is_err() {
             // Only fails if the counter would overflow: the loop is awake anyway.
             tracing::error!(device = "virtio-vsock", "cannot wake the event loop");
         }
@@ -154,9 +149,9 @@ impl Vsock {
     ) {
         if tag == ACTIVATE_EVENT {
             // A non-blocking read of an empty EventFd fails with EAGAIN: nothing to do.
-            let _ = self.activate_evt.read();
+            let _ = self.common.activate_evt().read();
         } else if let Some(index) = queue_index(tag) {
-            if let Some(evt) = self.queue_evts.get(index) {
+            if let Some(evt) = self.common.queue_events().get(index) {
                 let _ = evt.read();
             }
             if index == TX_QUEUE {
@@ -178,7 +173,7 @@ impl Vsock {
         }
         if !self.queues_registered {
             self.queues_registered = true;
-            for (i, evt) in self.queue_evts.iter().enumerate() {
+            for (i, evt) in self.common.queue_events().iter().enumerate() {
                 let tag = QUEUE_EVENT_BASE + u32::try_from(i).unwrap_or(0);
                 if !reg.watch(
                     std::os::unix::io::AsRawFd::as_raw_fd(evt),
@@ -411,39 +406,9 @@ fn write_event(mem: &GuestMemoryMmap, mut chain: Chain<'_>, id: u32) -> Option<u
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        TYPE_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        // Stream sockets only: no VIRTIO_VSOCK_F_SEQPACKET. Without feature bits both
-        // sides act as if VIRTIO_VSOCK_F_STREAM were negotiated (virtio 1.2 §5.10.3).
-        feature(VIRTIO_F_VERSION_1)
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // guest_cid is read-only (virtio 1.2 §5.10.4).
-    }
+    crate::virtio::common_accessors!(common);
+    // `write_config` keeps the default (ignore): guest_cid is read-only (virtio 1.2
+    // §5.10.4).
 
     fn activate(
         &mut self,
@@ -451,16 +416,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        let got = queues.len();
-        let queues: [Queue; NUM_QUEUES] =
-            queues.try_into().map_err(|_| ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got,
-            })?;
-        self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
+        let queues = self.common.activate_queues(self.active.is_some(), queues)?;
         self.active = Some(Active {
             mem,
             queues,
@@ -471,7 +427,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.common.reset();
         self.tx_kicked = false;
         self.tx_stalled = false;
         self.reset_event_pending = false;

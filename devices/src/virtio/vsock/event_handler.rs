@@ -11,6 +11,7 @@
 use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Vsock;
+use crate::virtio::VirtioDevice;
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {

@@ -35,7 +35,7 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.uds_path().to_path_buf(),
-            acked_features: self.acked_features,
+            acked_features: self.acked_features(),
             queues: self
                 .active
                 .as_ref()
