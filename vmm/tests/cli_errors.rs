@@ -2,24 +2,9 @@
 //! never a panic. These run on any machine with /dev/kvm (kvm-pvm included): every case is
 //! refused before a vCPU runs.
 
-use std::process::Command;
-use std::time::Duration;
+mod common;
 
-use tests::run_with_timeout;
-
-fn vmm(args: &[&str]) -> tests::RunOutput {
-    let out = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_vmm")).args(args),
-        Duration::from_secs(30),
-    );
-    assert!(!out.timed_out, "vmm hung on {args:?}");
-    assert!(
-        !out.output.contains("panicked"),
-        "{args:?}:\n{}",
-        out.output
-    );
-    out
-}
+use common::run_vmm_cli as vmm;
 
 fn tmp(name: &str, body: &[u8]) -> String {
     let dir = std::env::temp_dir().join(format!("vmm-cli-{}", std::process::id()));

@@ -3,29 +3,16 @@
 //! Every refusal here happens before KVM is opened, so these run on any machine.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
-use tests::run_with_timeout;
 use vmm::snapshot::format::{self, HEADER_LEN};
 use vmm::snapshot::memory::MemoryRegionLayout;
 use vmm::snapshot::state::{DevicesState, MachineState, VmState};
 use vmm::vstate::vcpu_state::VcpuState;
 use vmm::vstate::vm_state::KvmVmState;
 
-fn vmm(args: &[&str]) -> tests::RunOutput {
-    let out = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_vmm")).args(args),
-        Duration::from_secs(30),
-    );
-    assert!(!out.timed_out, "vmm hung on {args:?}");
-    assert!(
-        !out.output.contains("panicked"),
-        "{args:?}:\n{}",
-        out.output
-    );
-    out
-}
+mod common;
+
+use common::run_vmm_cli as vmm;
 
 /// Runs `vmm ARGS` and checks it exits with `code` saying each of `needles`.
 fn assert_refused_with(code: i32, args: &[&str], needles: &[&str]) {

@@ -327,3 +327,19 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().blocks() * 512
 }
+
+/// Runs `vmm ARGS` to its end (30 s at most) for the command-line tests, failing the test
+/// if it hangs or panics.
+pub fn run_vmm_cli(args: &[&str]) -> RunOutput {
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_vmm")).args(args),
+        Duration::from_secs(30),
+    );
+    assert!(!out.timed_out, "vmm hung on {args:?}");
+    assert!(
+        !out.output.contains("panicked"),
+        "{args:?}:\n{}",
+        out.output
+    );
+    out
+}
