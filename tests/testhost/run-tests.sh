@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs inside the KVM test host: each given test binary with --ignored (the real-guest
-# tests), one test at a time. Exits 1 if any binary fails.
+# tests), one test at a time. Exits 1 if any binary fails. After each binary it prints
+# `run-tests: DONE <binary> <status>`, so a caller whose test host wedged part-way can start
+# a fresh one with only the binaries not yet done (scripts/test.sh does).
 #
 # The boot tests go first: they include the 4 GiB guest, which was seen to stall the
 # emulated test host when it ran after the bulk network transfer. Scratch images the tests
@@ -25,7 +27,10 @@ for bin in "$@"; do [[ $(basename "$bin") == boot-* ]] && ordered+=("$bin"); don
 for bin in "$@"; do [[ $(basename "$bin") != boot-* ]] && ordered+=("$bin"); done
 for bin in "${ordered[@]}"; do
     echo "--- $(basename "$bin")"
-    "$bin" --ignored --test-threads 1 "${skips[@]}" || failed=1
+    "$bin" --ignored --test-threads 1 "${skips[@]}"
+    status=$?
+    [[ $status -eq 0 ]] || failed=1
+    echo "run-tests: DONE $(basename "$bin") $status"
     rm -rf /tmp/vmm-test-* /tmp/vsock-* /tmp/vmm-snapshot-* 2>/dev/null
 done
 exit $failed
