@@ -7,12 +7,14 @@
 //! JSON, table and RESULTS.md section, the VM runner (tested with stand-in processes), and
 //! the machinery around the test host (progress events, the run journal, the relay).
 
+pub mod control;
 pub mod host;
 pub mod journal;
 pub mod metrics;
 pub mod progress;
 pub mod report;
 pub mod smaps;
+pub mod snapshot;
 pub mod stats;
 pub mod testhost;
 pub mod vm;

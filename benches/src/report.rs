@@ -26,7 +26,8 @@ pub struct MetricResult {
     pub peer_name: String,
     /// ours / peer (medians).
     pub ratio: Option<f64>,
-    /// Successful runs per side (the smaller count if they differ).
+    /// Successful runs per side (the smaller count if they differ; ours alone when the peer
+    /// has no samples).
     pub runs: usize,
     /// Method, target, and why a value is missing.
     pub note: String,
@@ -109,7 +110,11 @@ impl MetricResult {
             peer: r(p.map(|s| s.median)),
             peer_name: def.peer_name.into(),
             ratio: r(ratio),
-            runs: o.map_or(0, |s| s.n).min(p.map_or(0, |s| s.n)),
+            // Runs per side; a metric without a peer counts our runs.
+            runs: match p {
+                Some(p) => o.map_or(0, |s| s.n).min(p.n),
+                None => o.map_or(0, |s| s.n),
+            },
             note,
             better: def.better.as_str().into(),
             ours_min: r(o.map(|s| s.min)),
@@ -351,9 +356,9 @@ mod tests {
         let rss = &metrics["vmm_rss_overhead_mib"];
         assert!(rss["ours"].is_null());
         assert_eq!(rss["note"], "not run: left out by --only");
-        let snap = &metrics["snapshot_create_s_per_gib"];
-        assert!(snap["ours"].is_null() && snap["ratio"].is_null());
-        assert!(snap["note"].as_str().unwrap().starts_with("n/a: "));
+        let orch = &metrics["orch_create_exec_ms_cold_p50"];
+        assert!(orch["ours"].is_null() && orch["ratio"].is_null());
+        assert!(orch["note"].as_str().unwrap().starts_with("n/a: "));
         // Catalog order, not alphabetical: the text lists boot before api.
         let text = report.to_json();
         assert!(text.find("boot_ready_ms_2vcpu").unwrap() < text.find("api_ready_ms").unwrap());
@@ -366,7 +371,8 @@ mod tests {
         assert_eq!(m.ours, Some(6.0));
         assert_eq!(m.peer, None);
         assert_eq!(m.ratio, None);
-        assert_eq!(m.runs, 0);
+        // No peer samples: the runs are ours.
+        assert_eq!(m.runs, 1);
         assert!(m.note.contains("NOT met"), "{}", m.note);
         assert!(
             m.note.contains("1 run(s) FAILED (first: timeout)"),

@@ -122,7 +122,9 @@ impl Overhead {
 }
 
 /// Indices of the mapping(s) holding guest RAM of `guest_kib`: one plain anonymous mapping of
-/// exactly that size, else a run of adjacent plain anonymous mappings adding up to it.
+/// exactly that size, else a run of adjacent plain anonymous mappings adding up to it, else
+/// the smallest plain anonymous mapping at most 64 MiB larger (the kernel merges the guest's
+/// mapping with an adjacent anonymous one of the same flags, e.g. a thread's heap arena).
 pub fn guest_ram(maps: &[Mapping], guest_kib: u64) -> Option<Vec<usize>> {
     let exact: Vec<usize> = (0..maps.len())
         .filter(|&i| maps[i].is_plain_anonymous() && maps[i].size_kib == guest_kib)
@@ -154,7 +156,13 @@ pub fn guest_ram(maps: &[Mapping], guest_kib: u64) -> Option<Vec<usize>> {
             }
         }
     }
-    None
+    (0..maps.len())
+        .filter(|&i| {
+            let size = maps[i].size_kib;
+            maps[i].is_plain_anonymous() && size > guest_kib && size <= guest_kib + 65536
+        })
+        .min_by_key(|&i| maps[i].size_kib)
+        .map(|i| vec![i])
 }
 
 /// Splits the smaps text of a VMM with `guest_mib` of guest RAM into guest and overhead.
@@ -266,6 +274,22 @@ Rss:                   4 kB
         assert_eq!((o.guest_rss_kib, o.overhead_kib()), (3000, 4));
         // Not adjacent: no run.
         assert_eq!(guest_ram(&maps, 65_536 + 4), None);
+    }
+
+    #[test]
+    fn guest_mapping_merged_with_a_neighbour_is_the_smallest_slightly_larger_one() {
+        let text = "\
+7f0000000000-7f0008800000 rw-p 00000000 00:00 0
+Size:             139264 kB
+Rss:               30000 kB
+7f1000000000-7f1010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:                 100 kB
+";
+        let maps = parse(text).unwrap();
+        assert_eq!(guest_ram(&maps, 131_072), Some(vec![0]));
+        // More than 64 MiB larger is some other mapping, not the guest's.
+        assert_eq!(guest_ram(&maps, 65_536), None);
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct GuestSpec {
     pub net: Option<NetSpec>,
     /// A vsock device (CID 3) with this host socket; ours only (qemu's needs vhost-vsock).
     pub vsock_uds: Option<PathBuf>,
+    /// guest-init serves its agent on this vsock port (`gi.agent=`).
+    pub agent_port: Option<u32>,
 }
 
 /// The guest's network: one NIC on an existing host tap.
@@ -72,6 +74,9 @@ impl GuestSpec {
                 " ip={}::{}:255.255.255.0::eth0:off",
                 n.guest_ip, n.host_ip
             ));
+        }
+        if let Some(port) = self.agent_port {
+            s.push_str(&format!(" gi.agent={port}"));
         }
         if let Some(cmd) = &self.gi_cmd {
             if cmd.contains('"') {
@@ -457,6 +462,7 @@ mod tests {
                 host_ip: "10.9.0.1".into(),
             }),
             vsock_uds: None,
+            agent_port: None,
         };
         let args = |c: &Command| -> Vec<String> {
             c.get_args()
@@ -510,6 +516,7 @@ mod tests {
         );
         let with_vsock = GuestSpec {
             vsock_uds: Some("/v.sock".into()),
+            agent_port: None,
             ..spec.clone()
         };
         assert!(command(Side::Peer, &inputs, &with_vsock).is_err());

@@ -17,6 +17,7 @@ use benches::metrics::{self, MetricDef, Status, CATALOG};
 use benches::progress::{self, Progress};
 use benches::report::{self, MetricResult, Report};
 use benches::smaps;
+use benches::snapshot::{self as snap, SnapProbe};
 use benches::testhost;
 use benches::vm::{self, GuestSpec, Inputs, NetSpec, Side};
 use clap::Parser;
@@ -81,6 +82,8 @@ enum Probe {
     VsockFromGuest,
     /// ms from spawning the VMM to its control socket answering (no guest runs).
     ApiReady,
+    /// One snapshot cycle of a guest with this many MiB (benches/src/snapshot.rs).
+    Snapshot(SnapProbe, u32),
 }
 
 /// The host end of the benchmark network: a tap with this address, made by the harness.
@@ -191,6 +194,7 @@ fn workloads() -> Result<Vec<Workload>> {
         disk: None,
         net: None,
         vsock_uds: None,
+        agent_port: None,
     };
     // The disk path is filled in per run (a fresh file for each VM).
     let blk = |dd_args: &str| GuestSpec {
@@ -200,6 +204,7 @@ fn workloads() -> Result<Vec<Workload>> {
         disk: Some(PathBuf::new()),
         net: None,
         vsock_uds: None,
+        agent_port: None,
     };
     let net = |cmd: String| GuestSpec {
         vcpus: 1,
@@ -213,6 +218,7 @@ fn workloads() -> Result<Vec<Workload>> {
             host_ip: BENCH_HOST_IP.into(),
         }),
         vsock_uds: None,
+        agent_port: None,
     };
     Ok(vec![
         Workload {
@@ -245,6 +251,7 @@ fn workloads() -> Result<Vec<Workload>> {
                 disk: None,
                 net: None,
                 vsock_uds: None,
+                agent_port: None,
             },
             probe: Probe::RssOverhead,
             method: "total Rss minus the Rss of the 128 MiB guest RAM mapping (/proc/PID/smaps), 1 s after `guest-init: ready`; gi.cmd busybox sleep 5",
@@ -300,6 +307,34 @@ fn workloads() -> Result<Vec<Workload>> {
             },
             probe: Probe::VsockFromGuest,
             method: "guest `gtool vsock-source 2 5300 128m` (256 KiB writes) to a host listener on the hybrid socket's `_5300` path that reads it all; gtool's own timing; 1 vCPU, 128 MiB; peer: our virtio-net guest->host TCP median of this run, in MiB/s",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("snapshot_create_s_per_gib")?,
+            spec: boot(1),
+            probe: Probe::Snapshot(SnapProbe::CreateSPerGib, 1024),
+            method: "1 vCPU, 1 GiB idle guest, paused 1 s after `guest-init: ready`; ours: PUT /snapshot/create (vmstate + sparse memory file); qemu: migrate to exec:cat > FILE until query-migrate says completed; seconds divided by the guest's GiB; files on the test host's tmpfs",
+            qemu_peer: true,
+        },
+        Workload {
+            def: def("restore_running_ms_128m")?,
+            spec: boot(1),
+            probe: Probe::Snapshot(SnapProbe::RestoreRunningMs, 128),
+            method: "1 vCPU, 128 MiB idle guest snapshotted 1 s after ready; ours: a fresh `vmm --api-sock`, PUT /snapshot/load with resume_vm until its 204; qemu: -incoming defer, migrate-incoming from exec:cat FILE until query-status says running",
+            qemu_peer: true,
+        },
+        Workload {
+            def: def("restore_running_ms_1g")?,
+            spec: boot(1),
+            probe: Probe::Snapshot(SnapProbe::RestoreRunningMs, 1024),
+            method: "as restore_running_ms_128m with a 1 GiB guest; target also: no more than 1.2x the 128 MiB time",
+            qemu_peer: true,
+        },
+        Workload {
+            def: def("restore_exec_ms_128m")?,
+            spec: boot(1),
+            probe: Probe::Snapshot(SnapProbe::RestoreExecMs, 128),
+            method: "1 vCPU, 128 MiB guest serving the guest agent on vsock, snapshotted 1 s after ready; a fresh `vmm --api-sock`, PUT /snapshot/load with resume_vm, then a new vsock connection to the agent (hybrid socket CONNECT 1024) running `busybox true`; ms from the load call to the exec's result",
             qemu_peer: false,
         },
     ])
@@ -515,6 +550,9 @@ fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) ->
     if w.probe == Probe::ApiReady {
         return api_ready_once(side, inputs, timeout);
     }
+    if let Probe::Snapshot(what, mem_mib) = w.probe {
+        return snap::measure(side, inputs, mem_mib, what, timeout);
+    }
     let mut spec = w.spec.clone();
     let disk = match spec.disk {
         Some(_) => Some(ScratchDisk::new(inputs, side)?),
@@ -574,6 +612,7 @@ fn measure_once(side: Side, inputs: &Inputs, w: &Workload, timeout: Duration) ->
         Probe::NetToGuest | Probe::NetFromGuest => Ok(mibs_to_gbps(parse_timed(lines, "NET")?)),
         // Measured before any VM is built (see the top of this function).
         Probe::ApiReady => bail!("api_ready_ms is measured without a guest"),
+        Probe::Snapshot(..) => bail!("snapshot workloads run their own VMs"),
     }
 }
 
@@ -1051,20 +1090,82 @@ fn run_all(
         if !w.qemu_peer {
             s.peer = derived_peer(w.def.name, &measured_samples);
         }
+        let mut result = MetricResult::measured(
+            w.def,
+            w.method,
+            &s.ours,
+            &s.peer,
+            s.failures,
+            s.first_error.as_deref(),
+        );
+        if let Probe::Snapshot(..) = w.probe {
+            result
+                .note
+                .push_str(&snapshot_note(w.def.name, &s.ours, &measured_samples));
+        }
         measured_samples.push((w.def.name, s.ours.clone()));
-        measured.push((
-            w.def.name.to_string(),
-            MetricResult::measured(
-                w.def,
-                w.method,
-                &s.ours,
-                &s.peer,
-                s.failures,
-                s.first_error.as_deref(),
-            ),
-        ));
+        measured.push((w.def.name.to_string(), result));
     }
     (measured, failed)
+}
+
+/// What a snapshot metric's note adds from the run itself: for snapshot create, the memory
+/// files' allocated size against the guest RAM each VMM had touched (medians; the issue's
+/// target is allocated <= touched + 10%); for the 1 GiB restore, its ratio to the 128 MiB
+/// one (target <= 1.2x: restore flat in guest size).
+fn snapshot_note(name: &str, ours: &[f64], earlier: &[(&str, Vec<f64>)]) -> String {
+    let median = |v: &mut Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let sizes = snap::take_file_sizes();
+    match name {
+        "snapshot_create_s_per_gib" => {
+            let mut parts = Vec::new();
+            for (side, what) in [(Side::Ours, "ours"), (Side::Peer, "qemu")] {
+                let mut alloc: Vec<f64> = sizes
+                    .iter()
+                    .filter(|f| f.side == side)
+                    .map(|f| f.allocated_kib as f64 / 1024.0)
+                    .collect();
+                let mut touched: Vec<f64> = sizes
+                    .iter()
+                    .filter(|f| f.side == side)
+                    .map(|f| f.touched_kib as f64 / 1024.0)
+                    .collect();
+                if let (Some(a), Some(t)) = (median(&mut alloc), median(&mut touched)) {
+                    let verdict = match side {
+                        Side::Ours if a <= t * 1.1 => " (target <= touched + 10%: met)",
+                        Side::Ours => " (target <= touched + 10%: NOT met)",
+                        Side::Peer => "",
+                    };
+                    parts.push(format!(
+                        "{what}'s memory file {a:.1} MiB allocated for {t:.1} MiB of guest RAM touched{verdict}"
+                    ));
+                }
+            }
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", parts.join("; "))
+            }
+        }
+        "restore_running_ms_1g" => {
+            let small = earlier
+                .iter()
+                .find(|(n, _)| *n == "restore_running_ms_128m")
+                .and_then(|(_, v)| median(&mut v.clone()));
+            match (median(&mut ours.to_vec()), small) {
+                (Some(big), Some(small)) if small > 0.0 => {
+                    let r = big / small;
+                    let verdict = if r <= 1.2 { "met" } else { "NOT met" };
+                    format!("; ours 1 GiB / 128 MiB = {r:.2}x (target <= 1.2x: {verdict})")
+                }
+                _ => String::new(),
+            }
+        }
+        _ => String::new(),
+    }
 }
 
 /// The peer samples of a workload qemu cannot run: vsock is compared with our own
