@@ -20,6 +20,15 @@
 //! The API (crate::api) runs on its own thread and hands requests over a channel plus an
 //! eventfd; they are handled here, on the loop's thread (`actions`), so the API thread never
 //! touches KVM or a device.
+//!
+//! Seccomp (the `seccomp` crate, `--seccomp-level`). Each thread installs its own filter,
+//! for its kind: the `vmm_api` thread when it starts serving; the vCPU threads and this
+//! thread once the VM is built or restored, before any guest code runs. A VM always starts
+//! with its vCPUs parked; the first resume ([`Vmm::start_vm`] resumes at once, a restored
+//! VM at `--resume` or `PATCH /vm`) first has each parked vCPU thread install the vCPU
+//! filter ([`VcpuSet::on_each`]), then installs this thread's, then lets the vCPUs run. The
+//! VM's setup (files, taps, /dev/kvm, memory, threads) is thus outside every filter, and
+//! nothing opened at setup is needed again (the MSR list for snapshots is read first).
 
 mod actions;
 mod build;
@@ -46,6 +55,7 @@ use crate::vstate::vcpu::VcpuExitReason;
 use crate::vstate::vcpu_thread::VcpuSet;
 use build::{BootZero, GuestVm};
 use control::{ConsoleInput, Control};
+use seccomp::{SeccompLevel, SeccompSettings, ThreadKind};
 
 /// How long the vCPUs get to stop and be joined when the VM ends.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -198,6 +208,47 @@ struct Instance {
     msr_list: Option<Vec<u32>>,
     /// The vCPU threads have been stopped (and joined, or given up on).
     stopped: bool,
+    /// The vCPU threads and this thread have their seccomp filters.
+    filtered: bool,
+}
+
+impl Instance {
+    /// Installs the seccomp filters `seccomp` asks for: the vCPU filter on each (parked)
+    /// vCPU thread, then the main thread's. Reads the MSR list snapshots need first, as
+    /// that opens /dev/kvm, which the main thread's filter forbids.
+    fn install_filters(&mut self, seccomp: SeccompSettings) -> Result<(), VmmError> {
+        if self.filtered || seccomp.level == SeccompLevel::Off {
+            return Ok(());
+        }
+        if self.msr_list.is_none() {
+            // A failure shows again, with its reason, when a snapshot is asked for.
+            self.msr_list = kvm_ioctls::Kvm::new()
+                .ok()
+                .and_then(|kvm| crate::vstate::vcpu_state::msrs_to_save(&kvm).ok());
+        }
+        let answers = self
+            .vcpus
+            .on_each(
+                move |v| {
+                    let r =
+                        seccomp::install(ThreadKind::Vcpu, seccomp.level, &format!("vcpu{}", v.id))
+                            .map_err(|e| actions::chain(&e));
+                    if r.is_ok() && v.id == 0 && seccomp.forbidden_syscall_on_vcpu0 {
+                        seccomp::forbidden_syscall();
+                    }
+                    r
+                },
+                STOP_TIMEOUT,
+            )
+            .map_err(host("installing the vCPU seccomp filters"))?;
+        for (id, r) in answers {
+            r.map_err(|e| VmmError::Host(format!("vCPU {id}: {e}")))?;
+        }
+        seccomp::install(ThreadKind::Vmm, seccomp.level, "vmm")
+            .map_err(|e| VmmError::Host(actions::chain(&e)))?;
+        self.filtered = true;
+        Ok(())
+    }
 }
 
 impl Instance {
@@ -249,6 +300,8 @@ pub struct Vmm {
     exit_evt: EventFd,
     api: Option<ApiLink>,
     api_requests: u64,
+    /// The seccomp filters to install.
+    seccomp: SeccompSettings,
 }
 
 impl Vmm {
@@ -257,7 +310,21 @@ impl Vmm {
     ///
     /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (they are read from a
     /// signalfd), so call it before starting other threads: they inherit the mask.
+    ///
+    /// No seccomp filters: see [`Vmm::with_seccomp`].
     pub fn new(config: VmConfig, start: Instant, api_sock: Option<&Path>) -> Result<Vmm, VmmError> {
+        Vmm::with_seccomp(config, start, api_sock, SeccompSettings::OFF)
+    }
+
+    /// [`Vmm::new`] with the seccomp filters `seccomp` asks for: the API thread's from when
+    /// it serves, the others from the VM's first run on (see the module docs). The filters
+    /// apply to the threads of this process, so only a `vmm` process should ask for them.
+    pub fn with_seccomp(
+        config: VmConfig,
+        start: Instant,
+        api_sock: Option<&Path>,
+        seccomp: SeccompSettings,
+    ) -> Result<Vmm, VmmError> {
         let mut mask = SigSet::empty();
         for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
             mask.add(s);
@@ -269,8 +336,12 @@ impl Vmm {
             Some(path) => {
                 let (tx, rx) = channel();
                 let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-                let server =
-                    ApiServer::start(path, tx, wake.try_clone().map_err(host("eventfd"))?)?;
+                let server = ApiServer::start_filtered(
+                    path,
+                    tx,
+                    wake.try_clone().map_err(host("eventfd"))?,
+                    seccomp.level,
+                )?;
                 (
                     Some(ApiLink {
                         rx,
@@ -311,6 +382,7 @@ impl Vmm {
             exit_evt,
             api,
             api_requests: 0,
+            seccomp,
         })
     }
 
@@ -340,19 +412,37 @@ impl Vmm {
             },
         };
         let mut guest = build::build(&self.config, &mut self.em, &self.exit_evt, zero)?;
-        let vcpus =
-            match VcpuSet::start(std::mem::take(&mut guest.vcpus), &guest.io, &self.exit_evt) {
-                Ok(v) => v,
-                Err(e) => {
-                    for id in guest.subscribers.drain(..) {
-                        let _ = self.em.remove_subscriber(id);
-                    }
-                    return Err(e.into());
+        // Parked first, so that the seccomp filters are in before any guest code runs.
+        let vcpus = match VcpuSet::start_paused(
+            std::mem::take(&mut guest.vcpus),
+            &guest.io,
+            &self.exit_evt,
+            actions::PAUSE_TIMEOUT,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                for id in guest.subscribers.drain(..) {
+                    let _ = self.em.remove_subscriber(id);
                 }
-            };
+                return Err(e.into());
+            }
+        };
+        let subscribers = guest.subscribers.clone();
         self.install(vcpus, guest, None);
-        self.state = VmState::Running;
-        Ok(())
+        self.state = VmState::Paused;
+        let seccomp = self.seccomp;
+        if let Some(Err(e)) = self.instance.as_mut().map(|i| i.install_filters(seccomp)) {
+            // Not started after all: the vCPUs stop (when the instance drops) and the
+            // devices leave the loop, as when the build fails. This thread has no filter
+            // yet (it is installed last), so another start can open what it needs.
+            self.instance = None;
+            for id in subscribers {
+                let _ = self.em.remove_subscriber(id);
+            }
+            self.state = VmState::NotStarted;
+            return Err(e);
+        }
+        self.resume_instance()
     }
 
     /// Makes a started VM this VMM's instance (and its console, stdin).
@@ -367,6 +457,7 @@ impl Vmm {
             saved_clock,
             msr_list: None,
             stopped: false,
+            filtered: false,
         });
     }
 
@@ -465,7 +556,16 @@ impl Vmm {
 /// Builds the VM described by `cfg` and runs it until it ends, without an API. `start` is
 /// when the VMM process started, the boot timer's zero.
 pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunOutcome, VmmError> {
-    let mut vmm = Vmm::new(cfg.clone(), start, None)?;
+    run_with_seccomp(cfg, start, SeccompSettings::OFF)
+}
+
+/// [`run`] under the seccomp filters `seccomp` asks for (see [`Vmm::with_seccomp`]).
+pub fn run_with_seccomp(
+    cfg: &VmConfig,
+    start: Instant,
+    seccomp: SeccompSettings,
+) -> Result<RunOutcome, VmmError> {
+    let mut vmm = Vmm::with_seccomp(cfg.clone(), start, None, seccomp)?;
     vmm.start_vm(start)?;
     vmm.serve()
 }

@@ -6,6 +6,10 @@
 //! `body_timeout` and at most `max_body_bytes` long, and the VMM must answer within
 //! `reply_timeout` (504 otherwise). At most `max_connections` connections are served at
 //! once; more wait in the listen backlog.
+//!
+//! Under `vmm --seccomp-level 1|2` the thread installs the API seccomp filter
+//! ([`ApiServer::start_filtered`]) before it serves its first request: from then on it
+//! can only accept, read and write sockets, wait on epoll and hand requests over.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use seccomp::{SeccompLevel, ThreadKind};
 use tokio::sync::{oneshot, Semaphore};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -50,6 +55,9 @@ pub enum ApiServerError {
     /// The tokio runtime or the thread could not be created.
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
+    /// The API thread's seccomp filter could not be installed.
+    #[error("API thread")]
+    Seccomp(#[source] seccomp::SeccompError),
 }
 
 /// Limits and deadlines; [`Default`] gives the production values.
@@ -116,6 +124,28 @@ impl ApiServer {
         wake: EventFd,
         config: ApiServerConfig,
     ) -> Result<ApiServer, ApiServerError> {
+        ApiServer::start_inner(path, tx, wake, config, SeccompLevel::Off)
+    }
+
+    /// [`ApiServer::start`], the `vmm_api` thread installing the API seccomp filter at
+    /// `level` before it serves. Its setup (the socket bound, the tokio runtime built) is
+    /// done before, on the calling thread.
+    pub fn start_filtered(
+        path: &Path,
+        tx: Sender<ApiRequest>,
+        wake: EventFd,
+        level: SeccompLevel,
+    ) -> Result<ApiServer, ApiServerError> {
+        ApiServer::start_inner(path, tx, wake, ApiServerConfig::default(), level)
+    }
+
+    fn start_inner(
+        path: &Path,
+        tx: Sender<ApiRequest>,
+        wake: EventFd,
+        config: ApiServerConfig,
+        level: SeccompLevel,
+    ) -> Result<ApiServer, ApiServerError> {
         let sock_err = |what: &'static str| {
             let path = path.to_path_buf();
             move |source| ApiServerError::Socket { what, path, source }
@@ -148,13 +178,28 @@ impl ApiServer {
         };
         let shared = Arc::new(Shared { tx, wake, config });
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm_api".into())
-            .spawn(move || runtime.block_on(serve(listener, shared, stop_rx)))
+            .spawn(move || {
+                let filtered = seccomp::install(ThreadKind::Api, level, "vmm_api");
+                let ok = filtered.is_ok();
+                // The receiver waits for this answer, so the send cannot fail.
+                let _ = filtered_tx.send(filtered);
+                if ok {
+                    runtime.block_on(serve(listener, shared, stop_rx));
+                }
+            })
             .map_err(ApiServerError::Thread)?;
         server.stop = Some(stop_tx);
         server.thread = Some(thread);
-        Ok(server)
+        match filtered_rx.recv() {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(e)) => Err(ApiServerError::Seccomp(e)),
+            Err(_) => Err(ApiServerError::Thread(std::io::Error::other(
+                "the API thread ended before serving",
+            ))),
+        }
     }
 
     /// The socket's path.

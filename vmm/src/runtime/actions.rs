@@ -222,30 +222,40 @@ impl Vmm {
     }
 
     pub(super) fn resume(&mut self) -> Result<VmmData, ApiError> {
-        let instance = match (self.state, self.instance.as_mut()) {
+        match (self.state, self.instance.is_some()) {
             (VmState::Running, _) => return Ok(VmmData::Empty),
-            (VmState::Paused, Some(instance)) => instance,
+            (VmState::Paused, true) => {}
             _ => {
                 return Err(ApiError::conflict(
                     "Resume is not possible: the VM is not started (PUT /actions \
                      InstanceStart first)",
                 ))
             }
+        }
+        self.resume_instance()
+            .map_err(|e| ApiError::internal(format!("Resume: {}", chain(&e))))?;
+        Ok(VmmData::Empty)
+    }
+
+    /// Lets the paused instance's vCPUs run: at the first run, installs the seccomp
+    /// filters (see `super`'s docs); then writes back the kvmclock saved at pause.
+    pub(super) fn resume_instance(&mut self) -> Result<(), VmmError> {
+        let seccomp = self.seccomp;
+        let Some(instance) = self.instance.as_mut() else {
+            return Err(VmmError::Host("no VM to resume".into()));
         };
+        instance.install_filters(seccomp)?;
         if let Some(clock) = instance.saved_clock.take() {
             if let Err(e) = instance.guest.vm.set_clock(&clock) {
                 instance.saved_clock = Some(clock);
-                return Err(ApiError::internal(format!("Resume: {}", chain(&e))));
+                return Err(e.into());
             }
         }
         // From here the vCPUs are told to run: whatever the answer, the VM is not paused
         // any more (devices must be served for the vCPUs that did resume).
         self.state = VmState::Running;
-        instance
-            .vcpus
-            .resume(PAUSE_TIMEOUT)
-            .map_err(|e| ApiError::internal(format!("Resume: {}", chain(&e))))?;
-        Ok(VmmData::Empty)
+        instance.vcpus.resume(PAUSE_TIMEOUT)?;
+        Ok(())
     }
 
     /// `GET /metrics`: VMM state, API, vCPU exits and device counters.

@@ -15,7 +15,7 @@
 //! restored VM waited paused shows in the guest's clock.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::Kvm;
@@ -161,6 +161,7 @@ impl Vmm {
         }
         let t = Instant::now();
         let (state, mem) = load(p)?;
+        let loaded = t.elapsed();
         let zero = BootZero {
             at: self.start,
             name: "VMM start",
@@ -174,6 +175,7 @@ impl Vmm {
             &self.exit_evt,
             zero,
         )?;
+        let built = t.elapsed();
         let vcpus = std::mem::take(&mut guest.vcpus);
         let vcpus = match VcpuSet::start_paused(vcpus, &guest.io, &self.exit_evt, PAUSE_TIMEOUT) {
             Ok(v) => v,
@@ -190,19 +192,30 @@ impl Vmm {
         self.config = restored_config(&state, p, &self.config);
         self.install(vcpus, guest, clock);
         self.state = VmState::Paused;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let done = t.elapsed();
         eprintln!(
             "vmm: restored {} (vCPUs: {}, memory: {} MiB, virtio devices: {}) with memory from \
-             {} in {:.1} ms",
+             {} in {:.1} ms (files read and mapped {:.1} ms, VM and devices {:.1} ms, vCPU \
+             threads {:.1} ms)",
             p.snapshot_path.display(),
             state.machine.vcpu_count,
             state.machine.mem_size_mib,
             state.devices.virtio.len(),
             p.mem_backend.backend_path.display(),
-            t.elapsed().as_secs_f64() * 1000.0
+            ms(done),
+            ms(loaded),
+            ms(built - loaded),
+            ms(done - built)
         );
         if p.resume_vm {
+            let r = Instant::now();
             self.resume()
                 .map_err(|e| VmmError::Host(format!("resuming the restored VM: {}", e.message)))?;
+            eprintln!(
+                "vmm: restored VM running {:.1} ms later (seccomp filters, clock, vCPUs resumed)",
+                ms(r.elapsed())
+            );
         }
         Ok(())
     }
