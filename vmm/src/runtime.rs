@@ -53,6 +53,7 @@ use crate::config::VmConfig;
 use crate::device_manager::EventLoop;
 use crate::vstate::vcpu::VcpuExitReason;
 use crate::vstate::vcpu_thread::VcpuSet;
+use crate::vstate::vm::{Vm, VmError};
 use build::{BootZero, GuestVm};
 use control::{ConsoleInput, Control};
 use seccomp::{SeccompLevel, SeccompSettings, ThreadKind};
@@ -302,6 +303,35 @@ pub struct Vmm {
     api_requests: u64,
     /// The seccomp filters to install.
     seccomp: SeccompSettings,
+    /// A VM (with irqchip and PIT) and the MSR list, made ahead on their own thread while
+    /// an API-driven VMM waits for its configuration or snapshot (see [`Warm`]).
+    warm: Option<Warm>,
+}
+
+/// What the pre-warm thread makes: creating a KVM VM (KVM_GET_SUPPORTED_CPUID,
+/// KVM_CREATE_VM, the in-kernel irqchip and PIT) and listing the MSRs to snapshot are the
+/// same for every boot and restore, so an API-driven VMM does them before it is asked,
+/// off the load call's path. A failure is not reported here: the VM is then made again
+/// at start, where its error is reported.
+struct Warm(std::thread::JoinHandle<WarmResult>);
+
+/// The pre-warmed VM (or why it could not be made) and MSR list.
+type WarmResult = (Result<Vm, VmError>, Option<Vec<u32>>);
+
+impl Warm {
+    fn start() -> Option<Warm> {
+        std::thread::Builder::new()
+            .name("vmm_prewarm".into())
+            .spawn(|| {
+                let vm = Vm::new(true);
+                let msrs = kvm_ioctls::Kvm::new()
+                    .ok()
+                    .and_then(|kvm| crate::vstate::vcpu_state::msrs_to_save(&kvm).ok());
+                (vm, msrs)
+            })
+            .ok()
+            .map(Warm)
+    }
 }
 
 impl Vmm {
@@ -380,10 +410,29 @@ impl Vmm {
             control,
             paused_epoll,
             exit_evt,
+            warm: if api_sock.is_some() {
+                Warm::start()
+            } else {
+                None
+            },
             api,
             api_requests: 0,
             seccomp,
         })
+    }
+
+    /// A VM with (`irqchip`) or without an in-kernel irqchip and PIT: the pre-warmed one
+    /// when it fits and was made, else a new one; and the pre-warmed MSR list, if any.
+    fn take_vm(&mut self, irqchip: bool) -> Result<(Vm, Option<Vec<u32>>), VmmError> {
+        let (warm_vm, msrs) = match self.warm.take().map(|w| w.0.join()) {
+            Some(Ok((vm, msrs))) => (vm.ok(), msrs),
+            _ => (None, None),
+        };
+        let vm = match warm_vm {
+            Some(vm) if irqchip => vm,
+            _ => Vm::new(irqchip)?,
+        };
+        Ok((vm, msrs))
     }
 
     /// Where the VM is in its life.
@@ -411,7 +460,8 @@ impl Vmm {
                 "InstanceStart"
             },
         };
-        let mut guest = build::build(&self.config, &mut self.em, &self.exit_evt, zero)?;
+        let (vm, msrs) = self.take_vm(true)?;
+        let mut guest = build::build(vm, &self.config, &mut self.em, &self.exit_evt, zero)?;
         // Parked first, so that the seccomp filters are in before any guest code runs.
         let vcpus = match VcpuSet::start_paused(
             std::mem::take(&mut guest.vcpus),
@@ -428,7 +478,7 @@ impl Vmm {
             }
         };
         let subscribers = guest.subscribers.clone();
-        self.install(vcpus, guest, None);
+        self.install(vcpus, guest, None, msrs);
         self.state = VmState::Paused;
         let seccomp = self.seccomp;
         if let Some(Err(e)) = self.instance.as_mut().map(|i| i.install_filters(seccomp)) {
@@ -446,7 +496,13 @@ impl Vmm {
     }
 
     /// Makes a started VM this VMM's instance (and its console, stdin).
-    fn install(&mut self, vcpus: VcpuSet, guest: GuestVm, saved_clock: Option<kvm_clock_data>) {
+    fn install(
+        &mut self,
+        vcpus: VcpuSet,
+        guest: GuestVm,
+        saved_clock: Option<kvm_clock_data>,
+        msr_list: Option<Vec<u32>>,
+    ) {
         if guest.console_on_stdout {
             let input = ConsoleInput::new(guest.serial.clone());
             self.em.add_subscriber(Arc::new(Mutex::new(input)));
@@ -455,7 +511,7 @@ impl Vmm {
             vcpus,
             guest,
             saved_clock,
-            msr_list: None,
+            msr_list,
             stopped: false,
             filtered: false,
         });

@@ -81,13 +81,14 @@ pub(super) struct BootZero {
 /// Builds the VM `cfg` describes. Its devices join `em`; its vCPUs and the i8042 reset line
 /// will write `exit_evt`.
 pub(super) fn build(
+    vm: Vm,
     cfg: &VmConfig,
     em: &mut EventLoop,
     exit_evt: &EventFd,
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
     let mut dm = DeviceManager::new();
-    let built = build_with(cfg, em, &mut dm, exit_evt, boot_zero);
+    let built = build_with(vm, cfg, em, &mut dm, exit_evt, boot_zero);
     if built.is_err() {
         dm.unsubscribe_all(em);
     }
@@ -95,13 +96,13 @@ pub(super) fn build(
 }
 
 fn build_with(
+    vm: Vm,
     cfg: &VmConfig,
     em: &mut EventLoop,
     dm: &mut DeviceManager,
     exit_evt: &EventFd,
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
-    let vm = Vm::new(true)?;
     let mem = guest_memory(cfg)?;
     vm.register_memory(&mem)?;
     let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, None)?;

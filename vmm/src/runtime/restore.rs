@@ -25,7 +25,12 @@ use crate::vstate::vm_state::restore_vm;
 
 /// Builds the VM `state` describes over `mem` (the mapped memory file). Devices join `em`;
 /// the console is `cfg`'s; vCPUs and the i8042 reset line will write `exit_evt`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the VM to restore into, the snapshot, its load parameters and the VMM's loop"
+)]
 pub(super) fn restore(
+    vm: Vm,
     state: &SavedVm,
     mem: GuestMemoryMmap,
     params: &SnapshotLoadParams,
@@ -35,7 +40,7 @@ pub(super) fn restore(
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
     let mut dm = DeviceManager::new();
-    let built = restore_with(state, mem, params, cfg, em, &mut dm, exit_evt, boot_zero);
+    let built = restore_with(vm, state, mem, params, cfg, em, &mut dm, exit_evt, boot_zero);
     if built.is_err() {
         dm.unsubscribe_all(em);
     }
@@ -47,6 +52,7 @@ pub(super) fn restore(
     reason = "restore's arguments plus the device manager, split out for its cleanup"
 )]
 fn restore_with(
+    vm: Vm,
     state: &SavedVm,
     mem: GuestMemoryMmap,
     params: &SnapshotLoadParams,
@@ -56,9 +62,6 @@ fn restore_with(
     exit_evt: &EventFd,
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
-    // A snapshot without an in-kernel irqchip comes from a tiny test guest (kvm-pvm cannot
-    // run a guest with one); everything else has it.
-    let vm = Vm::new(state.vm.irqchip.is_some())?;
     vm.register_memory(&mem)?;
     restore_vm(&vm.fd, &state.vm).map_err(RestoreError::Vm)?;
     let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, Some(&state.devices))?;

@@ -166,7 +166,11 @@ impl Vmm {
             at: self.start,
             name: "VMM start",
         };
+        // A snapshot without an in-kernel irqchip comes from a tiny test guest (kvm-pvm
+        // cannot run a guest with one); everything else has it.
+        let (vm, msrs) = self.take_vm(state.vm.irqchip.is_some())?;
         let mut guest = restore::restore(
+            vm,
             &state,
             mem,
             p,
@@ -190,7 +194,7 @@ impl Vmm {
         // snapshot's.
         let clock = guest.vm.adjust_clock.then_some(state.vm.clock);
         self.config = restored_config(&state, p, &self.config);
-        self.install(vcpus, guest, clock);
+        self.install(vcpus, guest, clock, msrs);
         self.state = VmState::Paused;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let done = t.elapsed();
