@@ -446,6 +446,10 @@ fn hop_into_testhost(repo: &Path, args: &Args, why: &str) -> Result<ExitCode> {
     let relayed = loop {
         let mut cmd = Command::new(repo.join("tests/testhost/run"));
         cmd.args(["--timeout", &timeout.to_string()]);
+        // The inner harness prints nothing on the console between its start and its table
+        // (progress goes to the progress file), so the runner's console-silence watchdog
+        // would stop a long run; the stall watchdog below, on progress events, stands in.
+        cmd.env("TESTHOST_IDLE_TIMEOUT", timeout.to_string());
         for var in [
             ENV_IN_TESTHOST,
             ENV_COMMIT,
