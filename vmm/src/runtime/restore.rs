@@ -40,7 +40,9 @@ pub(super) fn restore(
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
     let mut dm = DeviceManager::new();
-    let built = restore_with(vm, state, mem, params, cfg, em, &mut dm, exit_evt, boot_zero);
+    let built = restore_with(
+        vm, state, mem, params, cfg, em, &mut dm, exit_evt, boot_zero,
+    );
     if built.is_err() {
         dm.unsubscribe_all(em);
     }
