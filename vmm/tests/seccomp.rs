@@ -12,25 +12,11 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::tiny::TinyGuest;
 use common::{run_vmm_cli, VmmProcess};
-use devices::bus::Bus;
-use devices::legacy::{ConsoleOutput, SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
-use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::arch::regs::EntryMode;
-use vmm::boot::BootEntry;
-use vmm::snapshot::create::{capture, write, SnapshotSource};
-use vmm::vstate::vcpu::{Vcpu, VcpuIo};
-use vmm::vstate::vcpu_state::msrs_to_save;
-use vmm::vstate::vcpu_thread::VcpuSet;
-use vmm::vstate::vm::Vm;
-use vmm_sys_util::eventfd::EventFd;
-
-const CODE_ADDR: u64 = 0x1000;
+use devices::legacy::ConsoleOutput;
 
 /// Prints "OK\n" on port 0x3f8, then halts (a VM end without an irqchip).
 #[rustfmt::skip]
@@ -57,47 +43,10 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A snapshot of the OK guest before it ran its first instruction: (vmstate, memory).
 fn ok_guest_snapshot(dir: &Path) -> (String, String) {
-    let vm = Vm::new(false).expect("creating a VM on /dev/kvm");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-    vm.register_memory(&mem).unwrap();
-    mem.write_slice(OK_GUEST, GuestAddress(CODE_ADDR)).unwrap();
-    let vcpu = Vcpu::new(&vm, 0).unwrap();
-    let entry = BootEntry {
-        mode: EntryMode::Long,
-        entry: CODE_ADDR,
-        boot_info: 0,
-    };
-    vcpu.configure(&vm, 1, Some((&mem, entry))).unwrap();
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ConsoleOutput::discard(),
-    )));
-    let mut pio = Bus::new();
-    pio.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())
-        .unwrap();
-    let io = VcpuIo {
-        pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
-        stop: Arc::new(AtomicBool::new(false)),
-    };
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut set =
-        VcpuSet::start_paused(vec![vcpu], &io, &exit_evt, Duration::from_secs(5)).unwrap();
-    let msr_list = msrs_to_save(&Kvm::new().unwrap()).unwrap();
-    let src = SnapshotSource {
-        vm: &vm,
-        mem: &mem,
-        io: &io,
-        msr_list: &msr_list,
-        devices: &[],
-        serial: Some(&serial),
-        i8042: None,
-        paused_clock: vm.get_clock().unwrap(),
-    };
-    let state = capture(&src, &mut set).expect("capturing the parked guest");
+    let mut guest = TinyGuest::new(OK_GUEST, ConsoleOutput::discard());
+    let set = guest.start(true);
     let (vmstate, memfile) = (dir.join("vmstate"), dir.join("mem"));
-    write(&state, &mem, &vmstate, &memfile).expect("writing the snapshot");
-    assert!(set.stop(Duration::from_secs(5)));
+    guest.snapshot(set, &vmstate, &memfile);
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     (s(vmstate), s(memfile))
 }

@@ -14,25 +14,13 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tiny::TinyGuest;
 use common::{allocated_bytes, complete_values, VmmProcess};
-use devices::bus::Bus;
-use devices::legacy::{ConsoleOutput, SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
-use kvm_ioctls::Kvm;
+use devices::legacy::ConsoleOutput;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::arch::regs::EntryMode;
-use vmm::boot::BootEntry;
-use vmm::snapshot::create::{capture, write, SnapshotSource};
-use vmm::vstate::vcpu::{Vcpu, VcpuIo};
-use vmm::vstate::vcpu_state::msrs_to_save;
-use vmm::vstate::vcpu_thread::VcpuSet;
-use vmm::vstate::vm::Vm;
-use vmm_sys_util::eventfd::EventFd;
-
-const CODE_ADDR: u64 = 0x1000;
 const COUNTER_ADDR: u64 = 0x8000;
 
 /// `inc qword [0x8000]`, print it as `C=%016x\n` on port 0x3f8 one `out` per byte, spin
@@ -97,63 +85,30 @@ fn counter_in_file(memfile: &Path) -> u64 {
 /// least 3, pauses it and snapshots it with the library into `dir`. Returns the vmstate
 /// file, the memory file and what the guest printed.
 fn hand_made_snapshot(dir: &Path) -> (PathBuf, PathBuf, String) {
-    let vm = Vm::new(false).expect("creating a VM on /dev/kvm");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-    vm.register_memory(&mem).unwrap();
-    mem.write_slice(COUNTER_GUEST, GuestAddress(CODE_ADDR))
-        .unwrap();
-    let vcpu = Vcpu::new(&vm, 0).unwrap();
-    let entry = BootEntry {
-        mode: EntryMode::Long,
-        entry: CODE_ADDR,
-        boot_info: 0,
-    };
-    vcpu.configure(&vm, 1, Some((&mem, entry))).unwrap();
     let out = Captured::default();
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    let mut guest = TinyGuest::new(
+        COUNTER_GUEST,
         ConsoleOutput::new(Box::new(out.clone()), false),
-    )));
-    let mut pio = Bus::new();
-    pio.insert(SERIAL_PORT_BASE, SERIAL_PORT_LEN, serial.clone())
-        .unwrap();
-    let io = VcpuIo {
-        pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
-        stop: Arc::new(AtomicBool::new(false)),
-    };
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut set = VcpuSet::start(vec![vcpu], &io, &exit_evt).unwrap();
+    );
+    let mut set = guest.start(false);
+    let mem = &guest.mem;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while counter(&mem) < 3 {
+    while counter(mem) < 3 {
         assert!(
             Instant::now() < deadline,
             "the guest does not count: counter {}, exit {:?}, printed {:?}",
-            counter(&mem),
+            counter(mem),
             set.take_exit(),
             String::from_utf8_lossy(&out.0.lock().unwrap())
         );
         std::thread::sleep(Duration::from_millis(5));
     }
     set.pause(Duration::from_secs(5)).unwrap();
-    let msr_list = msrs_to_save(&Kvm::new().unwrap()).unwrap();
-    let src = SnapshotSource {
-        vm: &vm,
-        mem: &mem,
-        io: &io,
-        msr_list: &msr_list,
-        devices: &[],
-        serial: Some(&serial),
-        i8042: None,
-        paused_clock: vm.get_clock().unwrap(),
-    };
-    let state = capture(&src, &mut set).expect("capturing the paused guest");
-    assert!(state.vm.irqchip.is_none());
     let (vmstate, memfile) = (dir.join("vmstate1"), dir.join("mem1"));
-    write(&state, &mem, &vmstate, &memfile).expect("writing the snapshot");
-    assert!(set.stop(Duration::from_secs(5)));
+    let state = guest.snapshot(set, &vmstate, &memfile);
+    assert!(state.vm.irqchip.is_none());
     let printed = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-    assert_eq!(counter_in_file(&memfile), counter(&mem));
+    assert_eq!(counter_in_file(&memfile), counter(&guest.mem));
     (vmstate, memfile, printed)
 }
 
