@@ -19,11 +19,11 @@ done
 
 # Debian packages: qemu (test host and peer VMM), the kernel source for the guest kernel and
 # its build tools, Debian's kernel for the test host, busybox for guest images, e2fsprogs
-# and cpio for images, socat/python3/iproute2 for tests.
+# and cpio for images, socat/python3/iproute2 for tests, nftables for the orchestrator.
 packages=(
     qemu-system-x86 linux-source-6.1 linux-image-amd64 busybox-static e2fsprogs cpio
     xz-utils build-essential bc bison flex libelf-dev libssl-dev dwarves kmod
-    python3 socat iproute2 file
+    python3 socat iproute2 file nftables
 )
 missing=()
 for p in "${packages[@]}"; do

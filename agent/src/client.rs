@@ -5,12 +5,12 @@
 
 use std::io::{Read, Write};
 
-use crate::frame::{FrameError, FrameType};
+use crate::frame::{write_frame, FrameError, FrameType};
 use crate::message::{
     read_message, write_message, ErrorCode, ExecStart, ExitInfo, Health, HealthOk, Hello, HelloOk,
-    Message, Shutdown,
+    LogsRequest, ManifestDelivery, Message, Shutdown, WorkloadStatus, WorkloadStatusOk,
 };
-use crate::{MAX_DATA_CHUNK, MAX_EXEC_STDIN, PROTOCOL_VERSION};
+use crate::{MAX_CONTROL_PAYLOAD, MAX_DATA_CHUNK, MAX_EXEC_STDIN, MAX_LOG_READ, PROTOCOL_VERSION};
 
 /// Default cap on the stdout (and, separately, the stderr) [`AgentClient::exec`] keeps.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
@@ -46,6 +46,23 @@ pub enum AgentError {
     /// The request breaks a protocol limit; nothing was sent.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The agent's answer breaks the protocol (e.g. more log bytes than announced). The
+    /// connection is out of step: drop it.
+    #[error("bad answer from the agent: {0}")]
+    BadAnswer(String),
+}
+
+/// A piece of the workload's log, from [`AgentClient::logs`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Absolute offset of `data[0]` in the log.
+    pub start: u64,
+    /// Absolute offset just past the end of `data`: where to ask next.
+    pub end: u64,
+    /// Whether output before `start` that was asked for is no longer held by the agent.
+    pub dropped: bool,
+    /// The bytes `start..end`.
+    pub data: Vec<u8>,
 }
 
 /// What to run, for [`AgentClient::exec`].
@@ -276,6 +293,84 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// Delivers the manifest: the agent sets the hostname, stores the manifest and starts the
+    /// workload. Returns the workload's pid in the guest.
+    pub fn send_manifest(&mut self, delivery: &ManifestDelivery) -> Result<u32, AgentError> {
+        delivery.validate().map_err(AgentError::InvalidRequest)?;
+        // Encoded here rather than through `Message`, which would copy the manifest.
+        let payload = serde_json::to_vec(delivery).map_err(|e| FrameError::BadPayload {
+            kind: FrameType::Manifest,
+            reason: e.to_string(),
+        })?;
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(AgentError::InvalidRequest(format!(
+                "manifest payload of {} bytes, over the limit of {MAX_CONTROL_PAYLOAD}",
+                payload.len()
+            )));
+        }
+        write_frame(&mut self.stream, FrameType::Manifest, &payload)?;
+        match self.recv()? {
+            Message::ManifestOk(ok) => Ok(ok.pid),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks how the workload is doing.
+    pub fn workload_status(&mut self) -> Result<WorkloadStatusOk, AgentError> {
+        self.send(&Message::WorkloadStatus(WorkloadStatus {}))?;
+        match self.recv()? {
+            Message::WorkloadStatusOk(ok) => Ok(ok),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads up to `max_bytes` (at most [`MAX_LOG_READ`]) of the workload's log from the
+    /// absolute `offset`. To follow the log, call again with the chunk's `end`.
+    pub fn logs(&mut self, offset: u64, max_bytes: u32) -> Result<LogChunk, AgentError> {
+        self.send(&Message::Logs(LogsRequest { offset, max_bytes }))?;
+        let ok = match self.recv()? {
+            Message::LogsOk(ok) => ok,
+            other => return Err(unexpected(other)),
+        };
+        let limit = usize::try_from(max_bytes)
+            .unwrap_or(usize::MAX)
+            .min(MAX_LOG_READ);
+        let len = ok
+            .end
+            .checked_sub(ok.start)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= limit)
+            .ok_or_else(|| {
+                AgentError::BadAnswer(format!(
+                    "log range {}..{} for a read of at most {limit} bytes",
+                    ok.start, ok.end
+                ))
+            })?;
+        // `len` is at most MAX_LOG_READ, so this allocation is bounded.
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            let left = len - data.len();
+            match self.recv()? {
+                Message::Stdout(d) if !d.is_empty() && d.len() <= left => {
+                    data.extend_from_slice(&d);
+                }
+                Message::Stdout(d) => {
+                    return Err(AgentError::BadAnswer(format!(
+                        "log data frame of {} bytes with {left} bytes left to come",
+                        d.len()
+                    )))
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(LogChunk {
+            start: ok.start,
+            end: ok.end,
+            dropped: ok.dropped,
+            data,
+        })
+    }
+
     /// Asks the agent to end the VM and waits for the acknowledgement. The client is
     /// consumed: dropping the stream closes the connection, which is the agent's cue to go
     /// ahead (it also goes ahead 1 s after acknowledging).
@@ -451,6 +546,161 @@ mod tests {
         let mut req = ExecRequest::new(["cat"]);
         req.stdin = Some(vec![0; MAX_EXEC_STDIN + 1]);
         assert!(matches!(c.exec(&req), Err(AgentError::InvalidRequest(_))));
+        drop(c);
+        let mut rest = Vec::new();
+        (&peer).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "sent {} bytes", rest.len());
+    }
+
+    fn delivery() -> ManifestDelivery {
+        ManifestDelivery {
+            vm_id: "vm-1".into(),
+            hostname: "web-1".into(),
+            workload: crate::WorkloadSpec {
+                argv: vec!["/bin/app".into()],
+                env: (0..200)
+                    .map(|i| (format!("VAR_{i}"), "v".repeat(512)))
+                    .collect(),
+                cwd: None,
+            },
+            manifest: crate::RawManifest::from_json(format!(
+                r#"{{"name":"web","blob":"{}"}}"#,
+                "b".repeat(100_000)
+            ))
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn manifest_status_and_logs() {
+        use crate::{LogsOk, ManifestOk, WorkloadState};
+        let (stream, agent) = fake_agent(vec![
+            (
+                FrameType::Manifest,
+                vec![Message::ManifestOk(ManifestOk { pid: 42 })],
+            ),
+            (
+                FrameType::WorkloadStatus,
+                vec![Message::WorkloadStatusOk(WorkloadStatusOk {
+                    state: WorkloadState::Exited,
+                    pid: Some(42),
+                    code: Some(0),
+                    signal: None,
+                })],
+            ),
+            (
+                FrameType::Logs,
+                vec![
+                    Message::LogsOk(LogsOk {
+                        start: 10,
+                        end: 10 + 70_000,
+                        dropped: true,
+                    }),
+                    Message::Stdout(vec![b'a'; MAX_DATA_CHUNK]),
+                    Message::Stdout(vec![b'b'; 70_000 - MAX_DATA_CHUNK]),
+                ],
+            ),
+            (
+                FrameType::Logs,
+                vec![Message::LogsOk(LogsOk {
+                    start: 5,
+                    end: 5,
+                    dropped: false,
+                })],
+            ),
+        ]);
+        let mut c = AgentClient::new(stream);
+        let d = delivery();
+        assert_eq!(c.send_manifest(&d).unwrap(), 42);
+        let st = c.workload_status().unwrap();
+        assert_eq!((st.state, st.code), (WorkloadState::Exited, Some(0)));
+        let chunk = c.logs(0, u32::MAX).unwrap();
+        assert_eq!((chunk.start, chunk.end, chunk.dropped), (10, 70_010, true));
+        assert_eq!(chunk.data.len(), 70_000);
+        assert_eq!(chunk.data[MAX_DATA_CHUNK], b'b');
+        // An empty answer has no data frames: the next call is not confused by any.
+        let chunk = c.logs(99, 10).unwrap();
+        assert_eq!((chunk.start, chunk.end, chunk.data.len()), (5, 5, 0));
+        let seen = agent.join().unwrap();
+        // The large manifest arrived whole (> 64 KiB).
+        let Some(Message::Manifest(got)) = seen.iter().find(|m| m.kind() == FrameType::Manifest)
+        else {
+            panic!("no manifest sent");
+        };
+        assert_eq!(got, &d);
+        assert!(got.manifest.get().len() > 64 * 1024);
+        assert!(seen.contains(&Message::Logs(LogsRequest {
+            offset: 99,
+            max_bytes: 10
+        })));
+    }
+
+    #[test]
+    fn log_answers_that_break_their_announcement_are_refused() {
+        use crate::LogsOk;
+        let ok = |start, end| {
+            Message::LogsOk(LogsOk {
+                start,
+                end,
+                dropped: false,
+            })
+        };
+        let (stream, agent) = fake_agent(vec![
+            // More than was asked for.
+            (FrameType::Logs, vec![ok(0, 11)]),
+            // End before start.
+            (FrameType::Logs, vec![ok(5, 4)]),
+            // A data frame overshooting the announced length.
+            (
+                FrameType::Logs,
+                vec![ok(0, 3), Message::Stdout(b"abcd".to_vec())],
+            ),
+            // An empty data frame.
+            (FrameType::Logs, vec![ok(0, 3), Message::Stdout(Vec::new())]),
+            // An unrelated frame in the middle.
+            (
+                FrameType::Logs,
+                vec![ok(0, 3), Message::Stderr(b"x".to_vec())],
+            ),
+        ]);
+        let mut c = AgentClient::new(stream);
+        for _ in 0..4 {
+            assert!(matches!(c.logs(0, 10), Err(AgentError::BadAnswer(_))));
+        }
+        assert!(matches!(
+            c.logs(0, 10),
+            Err(AgentError::Unexpected(FrameType::Stderr))
+        ));
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn invalid_manifests_are_refused_before_sending() {
+        let (stream, peer) = UnixStream::pair().unwrap();
+        let mut c = AgentClient::new(stream);
+        let mut d = delivery();
+        d.workload.argv.clear();
+        assert!(matches!(
+            c.send_manifest(&d),
+            Err(AgentError::InvalidRequest(m)) if m.contains("argv")
+        ));
+        let mut d = delivery();
+        d.hostname = "no spaces".into();
+        assert!(matches!(
+            c.send_manifest(&d),
+            Err(AgentError::InvalidRequest(_))
+        ));
+        // Valid fields, but the whole payload is over the control frame limit.
+        let mut d = delivery();
+        d.manifest = crate::RawManifest::from_json(format!(
+            r#"{{"blob":"{}"}}"#,
+            "b".repeat(MAX_CONTROL_PAYLOAD)
+        ))
+        .unwrap();
+        assert!(matches!(
+            c.send_manifest(&d),
+            Err(AgentError::InvalidRequest(m)) if m.contains("limit")
+        ));
         drop(c);
         let mut rest = Vec::new();
         (&peer).read_to_end(&mut rest).unwrap();

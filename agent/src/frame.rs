@@ -34,11 +34,23 @@ pub enum FrameType {
     Shutdown = 0x30,
     /// Agent → host: the VM is about to end.
     ShutdownOk = 0x31,
+    /// Host → agent: the manifest; become this VM and start its workload.
+    Manifest = 0x40,
+    /// Agent → host: the workload started.
+    ManifestOk = 0x41,
+    /// Host → agent: how is the workload doing.
+    WorkloadStatus = 0x42,
+    /// Agent → host: answer to `WorkloadStatus`.
+    WorkloadStatusOk = 0x43,
+    /// Host → agent: read the workload's captured output.
+    Logs = 0x60,
+    /// Agent → host: which part of the log follows (in `Stdout` frames).
+    LogsOk = 0x61,
 }
 
 impl FrameType {
     /// Every frame type this version defines.
-    pub const ALL: [FrameType; 12] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::HelloOk,
         FrameType::Error,
@@ -51,9 +63,16 @@ impl FrameType {
         FrameType::Exit,
         FrameType::Shutdown,
         FrameType::ShutdownOk,
+        FrameType::Manifest,
+        FrameType::ManifestOk,
+        FrameType::WorkloadStatus,
+        FrameType::WorkloadStatusOk,
+        FrameType::Logs,
+        FrameType::LogsOk,
     ];
 
-    /// Parses a type byte. Reserved ranges (0x40..=0x7f) and unknown values are errors.
+    /// Parses a type byte. Reserved values (see [`FrameType::is_reserved`]) and unknown ones
+    /// are errors.
     pub fn from_u8(value: u8) -> Result<FrameType, FrameError> {
         FrameType::ALL
             .into_iter()
@@ -70,9 +89,10 @@ impl FrameType {
         self as u8
     }
 
-    /// Whether `value` lies in a range kept for later operations (manifest, files, logs).
+    /// Whether `value` lies in a range kept for later operations (0x40..=0x7f: manifest,
+    /// files, logs, later ones) without being a type this version defines.
     pub fn is_reserved(value: u8) -> bool {
-        (0x40..=0x7f).contains(&value)
+        (0x40..=0x7f).contains(&value) && !FrameType::ALL.iter().any(|t| t.as_u8() == value)
     }
 
     /// Whether the payload is raw bytes rather than JSON.
@@ -317,6 +337,7 @@ pub(crate) mod tests {
                 Err(FrameError::Reserved(r)) => {
                     assert_eq!(r, v);
                     assert!((0x40..=0x7f).contains(&v));
+                    assert!(FrameType::is_reserved(v));
                 }
                 Err(FrameError::UnknownType(u)) => assert_eq!(u, v),
                 Err(e) => panic!("{v}: {e}"),
@@ -327,9 +348,27 @@ pub(crate) mod tests {
             Err(FrameError::UnknownType(0))
         ));
         assert!(matches!(
-            decode_header(&header(0x41, 0)),
-            Err(FrameError::Reserved(0x41))
+            decode_header(&header(0x44, 0)),
+            Err(FrameError::Reserved(0x44))
         ));
+        // The manifest and log types are defined now; their neighbours stay reserved.
+        for (v, kind) in [
+            (0x40, FrameType::Manifest),
+            (0x41, FrameType::ManifestOk),
+            (0x42, FrameType::WorkloadStatus),
+            (0x43, FrameType::WorkloadStatusOk),
+            (0x60, FrameType::Logs),
+            (0x61, FrameType::LogsOk),
+        ] {
+            assert_eq!(FrameType::from_u8(v).unwrap(), kind);
+            assert!(!FrameType::is_reserved(v) && !kind.is_data());
+        }
+        for v in [0x4f, 0x50, 0x62, 0x7f] {
+            assert!(matches!(
+                FrameType::from_u8(v),
+                Err(FrameError::Reserved(_))
+            ));
+        }
     }
 
     #[test]

@@ -34,27 +34,38 @@
 //!
 //! ## Frame types
 //!
-//! | type        | name         | direction     | payload                                         |
-//! |-------------|--------------|---------------|-------------------------------------------------|
-//! | 0x01        | `Hello`      | host → agent  | `{"version": 1}`                                |
-//! | 0x02        | `HelloOk`    | agent → host  | `{"version": 1, "agent_version": "0.1.0"}`      |
-//! | 0x03        | `Error`      | agent → host  | `{"code": "bad_request", "message": "..."}`     |
-//! | 0x10        | `Health`     | host → agent  | `{}`                                            |
-//! | 0x11        | `HealthOk`   | agent → host  | `{"agent_version": "0.1.0", "uptime_ms": 1234}` |
-//! | 0x20        | `Exec`       | host → agent  | [`ExecStart`] as JSON                           |
-//! | 0x21        | `Stdin`      | host → agent  | raw bytes; an empty frame ends stdin            |
-//! | 0x22        | `Stdout`     | agent → host  | raw bytes, 1..=64 KiB                           |
-//! | 0x23        | `Stderr`     | agent → host  | raw bytes, 1..=64 KiB                           |
-//! | 0x24        | `Exit`       | agent → host  | [`ExitInfo`] as JSON                            |
-//! | 0x30        | `Shutdown`   | host → agent  | `{}`                                            |
-//! | 0x31        | `ShutdownOk` | agent → host  | `{}`                                            |
-//! | 0x40..=0x4f | reserved     |               | manifest                                        |
-//! | 0x50..=0x5f | reserved     |               | put / get file                                  |
-//! | 0x60..=0x6f | reserved     |               | log streaming                                   |
-//! | 0x70..=0x7f | reserved     |               | later operations                                |
+//! | type        | name               | direction     | payload                                         |
+//! |-------------|--------------------|---------------|-------------------------------------------------|
+//! | 0x01        | `Hello`            | host → agent  | `{"version": 1}`                                |
+//! | 0x02        | `HelloOk`          | agent → host  | `{"version": 1, "agent_version": "0.1.0"}`      |
+//! | 0x03        | `Error`            | agent → host  | `{"code": "bad_request", "message": "..."}`     |
+//! | 0x10        | `Health`           | host → agent  | `{}`                                            |
+//! | 0x11        | `HealthOk`         | agent → host  | `{"agent_version": "0.1.0", "uptime_ms": 1234}` |
+//! | 0x20        | `Exec`             | host → agent  | [`ExecStart`] as JSON                           |
+//! | 0x21        | `Stdin`            | host → agent  | raw bytes; an empty frame ends stdin            |
+//! | 0x22        | `Stdout`           | agent → host  | raw bytes, 1..=64 KiB                           |
+//! | 0x23        | `Stderr`           | agent → host  | raw bytes, 1..=64 KiB                           |
+//! | 0x24        | `Exit`             | agent → host  | [`ExitInfo`] as JSON                            |
+//! | 0x30        | `Shutdown`         | host → agent  | `{}`                                            |
+//! | 0x31        | `ShutdownOk`       | agent → host  | `{}`                                            |
+//! | 0x40        | `Manifest`         | host → agent  | [`ManifestDelivery`] as JSON                    |
+//! | 0x41        | `ManifestOk`       | agent → host  | `{"pid": 123}`                                  |
+//! | 0x42        | `WorkloadStatus`   | host → agent  | `{}`                                            |
+//! | 0x43        | `WorkloadStatusOk` | agent → host  | [`WorkloadStatusOk`] as JSON                    |
+//! | 0x44..=0x4f | reserved           |               | manifest                                        |
+//! | 0x50..=0x5f | reserved           |               | put / get file                                  |
+//! | 0x60        | `Logs`             | host → agent  | `{"offset": 0, "max_bytes": 65536}`             |
+//! | 0x61        | `LogsOk`           | agent → host  | `{"start": 0, "end": 42, "dropped": false}`     |
+//! | 0x62..=0x6f | reserved           |               | log streaming                                   |
+//! | 0x70..=0x7f | reserved           |               | later operations                                |
 //!
 //! Any other type is unknown. Reserved types are rejected like unknown ones (error code
 //! `unsupported` instead of `protocol`) until a protocol version defines them.
+//!
+//! The manifest and log types (0x40..=0x43, 0x60, 0x61) were added to version 1 without a
+//! version bump: they only fill reserved slots, and nothing about the older frames changed.
+//! An agent built before them answers them with `Error{code: "unsupported"}` and closes the
+//! connection, which is how a host tells that such an agent cannot take a manifest.
 //!
 //! ## Conversation
 //!
@@ -69,6 +80,12 @@
 //!      empty) → any number of `Stdout` / `Stderr` frames as output arrives → `Exit`. Or,
 //!      instead of any output, an `Error` (the request was refused or the program could not
 //!      be started); the connection stays usable after the `Error` of a single request.
+//!    - `Manifest` → `ManifestOk`, or an `Error` (the connection stays usable). See
+//!      [Manifest and workload](#manifest-and-workload).
+//!    - `WorkloadStatus` → `WorkloadStatusOk`.
+//!    - `Logs` → `LogsOk` followed by `Stdout` frames carrying exactly `end - start` bytes
+//!      (none when the two are equal), and nothing after them: the byte count in `LogsOk`
+//!      says where the answer ends. See [Logs](#logs).
 //!    - `Shutdown` → `ShutdownOk`. The host then closes the connection; the agent ends the VM
 //!      (sync, then the VM's end action) as soon as it sees the close, or 1 s after the
 //!      acknowledgement. Waiting for the close gives the acknowledgement time to leave the
@@ -101,6 +118,56 @@
 //! The agent serves several connections at once (8 in guest-init today), each with its own
 //! exec; a connection over that number gets `Error{code: "busy"}` and is closed.
 //!
+//! ## Manifest and workload
+//!
+//! After boot the host sends the full workload manifest over the agent instead of the
+//! kernel command line, which is capped at a few KiB: a `Manifest` payload may use the
+//! whole [`MAX_CONTROL_PAYLOAD`]. [`ManifestDelivery`] carries:
+//! - `vm_id`: 1..=[`MAX_VM_ID`] bytes, no control characters;
+//! - `hostname`: 1..=[`MAX_HOSTNAME`] bytes of ASCII letters, digits, `-`, `_` and `.`;
+//! - `workload`: `{"argv": [...], "env": [[name, value], ...], "cwd": "/"}`, checked by
+//!   the same rules and limits as an `Exec` (so a workload's argv and env together stay
+//!   within [`MAX_EXEC_ARGS_BYTES`]);
+//! - `manifest`: the full manifest, a JSON object the agent does not interpret.
+//!
+//! The agent:
+//! - refuses with `bad_request` a delivery that breaks those rules, and any `Manifest`
+//!   while a workload is running ("a workload is already running"). Once the workload has
+//!   exited, a new `Manifest` starts a new one (the host decides whether to restart);
+//! - sets the guest's hostname, then writes the `manifest` text, byte for byte as sent, to
+//!   `/run/manifest.json` (mode 0600, replaced atomically); a failure here is `internal`;
+//! - starts `argv` like an `Exec` (same `PATH` lookup, base environment and `cwd`
+//!   default), in its own process group, stdin `/dev/null`, stdout and stderr on one pipe.
+//!   A program that cannot be started is `exec_failed`. Otherwise it answers
+//!   `ManifestOk{pid}`;
+//! - keeps the workload's output in memory (the last [`LOG_RING_SIZE`] bytes at least) for
+//!   `Logs`, and copies it as is to the guest console, best effort: output the console
+//!   cannot keep up with is left out there (it is still in the log) and a note says how
+//!   much;
+//! - records how the workload ended, for `WorkloadStatus`. The VM keeps running when the
+//!   workload exits: what happens next is the host's decision.
+//!
+//! The workload runs independently of the connection that started it: closing the
+//! connection does not stop it, and any connection may ask for its status or logs.
+//!
+//! [`WorkloadStatusOk`] is `{"state": "none" | "running" | "exited", "pid", "code",
+//! "signal"}`: `pid` once a workload was started, `code` after a normal exit, `signal` when a
+//! signal ended it (absent or `null` otherwise). It describes the latest workload.
+//!
+//! ## Logs
+//!
+//! The log is one byte stream of everything the workloads wrote to stdout and stderr, in
+//! the order the agent read it. An offset counts bytes from the start of the first
+//! workload; a workload started after an earlier one exited appends to the same stream,
+//! so offsets never go back. `Logs{offset, max_bytes}` asks for the bytes from `offset`:
+//! - `max_bytes` is capped at [`MAX_LOG_READ`];
+//! - if the agent no longer holds `offset` (it keeps only the newest [`LOG_RING_SIZE`]
+//!   bytes), the answer starts at the oldest byte it holds and sets `dropped`;
+//! - an `offset` past the end of the log is answered as the end: `start == end`, nothing
+//!   follows;
+//! - `LogsOk{start, end, dropped}` is followed by the `end - start` bytes in `Stdout`
+//!   frames of 1..=[`MAX_DATA_CHUNK`] bytes each. To follow the log, ask again from `end`.
+//!
 //! ## Errors
 //!
 //! `Error` carries an [`ErrorCode`] and a human-readable message. The agent closes the
@@ -116,7 +183,7 @@ mod message;
 pub mod vsock;
 
 pub use client::{
-    AgentClient, AgentError, ExecRequest, ExecResult, OutputStream, DEFAULT_OUTPUT_LIMIT,
+    AgentClient, AgentError, ExecRequest, ExecResult, LogChunk, OutputStream, DEFAULT_OUTPUT_LIMIT,
     MAX_REMOTE_MESSAGE,
 };
 pub use frame::{
@@ -126,7 +193,8 @@ pub use frame::{
 pub use hybrid::{connect_hybrid, MAX_HYBRID_LINE};
 pub use message::{
     read_message, write_message, ErrorCode, ErrorInfo, ExecStart, ExitInfo, Health, HealthOk,
-    Hello, HelloOk, Message, Shutdown, ShutdownOk,
+    Hello, HelloOk, LogsOk, LogsRequest, ManifestDelivery, ManifestOk, Message, RawManifest,
+    Shutdown, ShutdownOk, WorkloadSpec, WorkloadState, WorkloadStatus, WorkloadStatusOk,
 };
 
 /// First two bytes of every frame.
@@ -159,3 +227,15 @@ pub const MAX_EXEC_ENTRIES: usize = 4096;
 
 /// Longest `cwd` of an exec (Linux's PATH_MAX).
 pub const MAX_EXEC_CWD: usize = 4096;
+
+/// Longest hostname in a manifest (Linux's HOST_NAME_MAX).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// Longest `vm_id` in a manifest.
+pub const MAX_VM_ID: usize = 256;
+
+/// Most log bytes one `Logs` request returns; a larger `max_bytes` is capped to this.
+pub const MAX_LOG_READ: usize = 1024 * 1024;
+
+/// How much of the workload's output the agent keeps: at least the last this many bytes.
+pub const LOG_RING_SIZE: usize = 1024 * 1024;

@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{read_frame, write_frame, Frame, FrameError, FrameType};
 use crate::{MAX_EXEC_ARGS_BYTES, MAX_EXEC_CWD, MAX_EXEC_ENTRIES};
 
+mod workload;
+
+pub use workload::{
+    LogsOk, LogsRequest, ManifestDelivery, ManifestOk, RawManifest, WorkloadSpec, WorkloadState,
+    WorkloadStatus, WorkloadStatusOk,
+};
+
 /// `Hello`: the host's first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -40,7 +47,8 @@ pub enum ErrorCode {
     Unsupported,
     /// Too many connections at once; the connection closes.
     Busy,
-    /// The request is invalid (see `ExecStart` limits); the connection stays open.
+    /// The request is invalid (see the limits in the crate docs), or a `Manifest` came
+    /// while a workload runs; the connection stays open.
     BadRequest,
     /// The program could not be started; the connection stays open.
     ExecFailed,
@@ -148,49 +156,59 @@ impl ExecStart {
     /// Checks the request against the limits in the crate docs. The message names the
     /// offending field.
     pub fn validate(&self) -> Result<(), String> {
-        let Some(program) = self.argv.first() else {
-            return Err("argv is empty".into());
-        };
-        if program.is_empty() {
-            return Err("argv[0] is empty".into());
-        }
-        let entries = self.argv.len().saturating_add(self.env.len());
-        if entries > MAX_EXEC_ENTRIES {
-            return Err(format!(
-                "{entries} argv and env entries, over the limit of {MAX_EXEC_ENTRIES}"
-            ));
-        }
-        let mut total: usize = 0;
-        for arg in &self.argv {
-            if arg.contains('\0') {
-                return Err(format!("argv entry {} has a NUL byte", quote(arg)));
-            }
-            total = total.saturating_add(arg.len()).saturating_add(1);
-        }
-        for (name, value) in &self.env {
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
-                return Err(format!("bad env name {}", quote(name)));
-            }
-            if value.contains('\0') {
-                return Err(format!("env {} has a NUL byte", quote(name)));
-            }
-            total = total
-                .saturating_add(name.len())
-                .saturating_add(value.len())
-                .saturating_add(2);
-        }
-        if total > MAX_EXEC_ARGS_BYTES {
-            return Err(format!(
-                "argv and env take {total} bytes, over the limit of {MAX_EXEC_ARGS_BYTES}"
-            ));
-        }
-        if let Some(cwd) = &self.cwd {
-            if cwd.is_empty() || cwd.len() > MAX_EXEC_CWD || cwd.contains('\0') {
-                return Err(format!("bad cwd {}", quote(cwd)));
-            }
-        }
-        Ok(())
+        validate_command(&self.argv, &self.env, self.cwd.as_deref())
     }
+}
+
+/// The checks an `Exec` and a workload share: argv, env and cwd against the limits in the
+/// crate docs ("Exec"). The message names the offending field.
+fn validate_command(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+) -> Result<(), String> {
+    let Some(program) = argv.first() else {
+        return Err("argv is empty".into());
+    };
+    if program.is_empty() {
+        return Err("argv[0] is empty".into());
+    }
+    let entries = argv.len().saturating_add(env.len());
+    if entries > MAX_EXEC_ENTRIES {
+        return Err(format!(
+            "{entries} argv and env entries, over the limit of {MAX_EXEC_ENTRIES}"
+        ));
+    }
+    let mut total: usize = 0;
+    for arg in argv {
+        if arg.contains('\0') {
+            return Err(format!("argv entry {} has a NUL byte", quote(arg)));
+        }
+        total = total.saturating_add(arg.len()).saturating_add(1);
+    }
+    for (name, value) in env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(format!("bad env name {}", quote(name)));
+        }
+        if value.contains('\0') {
+            return Err(format!("env {} has a NUL byte", quote(name)));
+        }
+        total = total
+            .saturating_add(name.len())
+            .saturating_add(value.len())
+            .saturating_add(2);
+    }
+    if total > MAX_EXEC_ARGS_BYTES {
+        return Err(format!(
+            "argv and env take {total} bytes, over the limit of {MAX_EXEC_ARGS_BYTES}"
+        ));
+    }
+    if let Some(cwd) = cwd {
+        if cwd.is_empty() || cwd.len() > MAX_EXEC_CWD || cwd.contains('\0') {
+            return Err(format!("bad cwd {}", quote(cwd)));
+        }
+    }
+    Ok(())
 }
 
 /// `Exit`: how the program ended.
@@ -240,6 +258,18 @@ pub enum Message {
     Shutdown(Shutdown),
     /// See [`ShutdownOk`].
     ShutdownOk(ShutdownOk),
+    /// See [`ManifestDelivery`].
+    Manifest(ManifestDelivery),
+    /// See [`ManifestOk`].
+    ManifestOk(ManifestOk),
+    /// See [`WorkloadStatus`].
+    WorkloadStatus(WorkloadStatus),
+    /// See [`WorkloadStatusOk`].
+    WorkloadStatusOk(WorkloadStatusOk),
+    /// See [`LogsRequest`].
+    Logs(LogsRequest),
+    /// See [`LogsOk`].
+    LogsOk(LogsOk),
 }
 
 fn json<T: Serialize>(kind: FrameType, value: &T) -> Result<Frame, FrameError> {
@@ -273,6 +303,12 @@ impl Message {
             Message::Exit(_) => FrameType::Exit,
             Message::Shutdown(_) => FrameType::Shutdown,
             Message::ShutdownOk(_) => FrameType::ShutdownOk,
+            Message::Manifest(_) => FrameType::Manifest,
+            Message::ManifestOk(_) => FrameType::ManifestOk,
+            Message::WorkloadStatus(_) => FrameType::WorkloadStatus,
+            Message::WorkloadStatusOk(_) => FrameType::WorkloadStatusOk,
+            Message::Logs(_) => FrameType::Logs,
+            Message::LogsOk(_) => FrameType::LogsOk,
         }
     }
 
@@ -289,6 +325,12 @@ impl Message {
             Message::Exit(m) => json(kind, m),
             Message::Shutdown(m) => json(kind, m),
             Message::ShutdownOk(m) => json(kind, m),
+            Message::Manifest(m) => json(kind, m),
+            Message::ManifestOk(m) => json(kind, m),
+            Message::WorkloadStatus(m) => json(kind, m),
+            Message::WorkloadStatusOk(m) => json(kind, m),
+            Message::Logs(m) => json(kind, m),
+            Message::LogsOk(m) => json(kind, m),
             Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) => Ok(Frame {
                 kind,
                 payload: d.clone(),
@@ -308,6 +350,12 @@ impl Message {
             FrameType::Exit => Message::Exit(from_json(&frame)?),
             FrameType::Shutdown => Message::Shutdown(from_json(&frame)?),
             FrameType::ShutdownOk => Message::ShutdownOk(from_json(&frame)?),
+            FrameType::Manifest => Message::Manifest(from_json(&frame)?),
+            FrameType::ManifestOk => Message::ManifestOk(from_json(&frame)?),
+            FrameType::WorkloadStatus => Message::WorkloadStatus(from_json(&frame)?),
+            FrameType::WorkloadStatusOk => Message::WorkloadStatusOk(from_json(&frame)?),
+            FrameType::Logs => Message::Logs(from_json(&frame)?),
+            FrameType::LogsOk => Message::LogsOk(from_json(&frame)?),
             FrameType::Stdin => Message::Stdin(frame.payload),
             FrameType::Stdout => Message::Stdout(frame.payload),
             FrameType::Stderr => Message::Stderr(frame.payload),
@@ -371,6 +419,33 @@ mod tests {
             }),
             Message::Shutdown(Shutdown {}),
             Message::ShutdownOk(ShutdownOk {}),
+            Message::Manifest(ManifestDelivery {
+                vm_id: "vm-7".into(),
+                hostname: "web-7".into(),
+                workload: WorkloadSpec {
+                    argv: vec!["/bin/sh".into(), "-c".into(), "exec app".into()],
+                    env: vec![("K".into(), "V".into())],
+                    cwd: Some("/srv".into()),
+                },
+                manifest: RawManifest::from_json(r#"{"schema":1,"env":{"K":"V"}}"#.into()).unwrap(),
+            }),
+            Message::ManifestOk(ManifestOk { pid: 17 }),
+            Message::WorkloadStatus(WorkloadStatus {}),
+            Message::WorkloadStatusOk(WorkloadStatusOk {
+                state: WorkloadState::Running,
+                pid: Some(17),
+                code: None,
+                signal: None,
+            }),
+            Message::Logs(LogsRequest {
+                offset: 1 << 40,
+                max_bytes: u32::MAX,
+            }),
+            Message::LogsOk(LogsOk {
+                start: 5,
+                end: 9,
+                dropped: true,
+            }),
         ]
     }
 
@@ -408,6 +483,74 @@ mod tests {
             f.payload,
             br#"{"argv":["true"],"env":[["K","V"]],"cwd":null,"stdin":false,"timeout_ms":null}"#
         );
+        let f = Message::ManifestOk(ManifestOk { pid: 5 })
+            .to_frame()
+            .unwrap();
+        assert_eq!(f.payload, br#"{"pid":5}"#);
+        let f = Message::Logs(LogsRequest {
+            offset: 10,
+            max_bytes: 20,
+        })
+        .to_frame()
+        .unwrap();
+        assert_eq!(f.payload, br#"{"offset":10,"max_bytes":20}"#);
+        let f = Message::LogsOk(LogsOk {
+            start: 1,
+            end: 2,
+            dropped: false,
+        })
+        .to_frame()
+        .unwrap();
+        assert_eq!(f.payload, br#"{"start":1,"end":2,"dropped":false}"#);
+        let f = Message::WorkloadStatus(WorkloadStatus {})
+            .to_frame()
+            .unwrap();
+        assert_eq!(f.payload, b"{}");
+    }
+
+    #[test]
+    fn manifest_payload_carries_the_manifest_verbatim() {
+        // Key order and spacing survive both ways: the agent writes exactly these bytes.
+        let text = r#"{"zeta": 1, "alpha": {"nested": [1, 2]}}"#;
+        let payload = format!(
+            r#"{{"vm_id":"v","hostname":"h","workload":{{"argv":["app"],"env":[["A","b"]],"cwd":"/"}},"manifest":{text},"extra":0}}"#
+        );
+        let frame = Frame {
+            kind: FrameType::Manifest,
+            payload: payload.into_bytes(),
+        };
+        let Message::Manifest(d) = Message::from_frame(frame).unwrap() else {
+            panic!("not a manifest");
+        };
+        assert_eq!(d.manifest.get(), text);
+        assert_eq!(d.workload.env, [("A".to_string(), "b".to_string())]);
+        assert_eq!(d.workload.cwd.as_deref(), Some("/"));
+        let again = Message::Manifest(d).to_frame().unwrap();
+        let again = String::from_utf8(again.payload).unwrap();
+        assert!(
+            again.ends_with(&format!(r#""manifest":{text}}}"#)),
+            "{again}"
+        );
+    }
+
+    #[test]
+    fn a_manifest_near_the_control_limit_round_trips() {
+        // >= 64 KiB is the requirement; go close to the 1 MiB frame limit.
+        let big: String = (0..60_000).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        let text = format!("{{{}\"end\":0}}", big);
+        let m = Message::Manifest(ManifestDelivery {
+            vm_id: "v".into(),
+            hostname: "h".into(),
+            workload: WorkloadSpec {
+                argv: vec!["app".into()],
+                ..WorkloadSpec::default()
+            },
+            manifest: RawManifest::from_json(text).unwrap(),
+        });
+        let mut wire = Vec::new();
+        write_message(&mut wire, &m).unwrap();
+        assert!(wire.len() > 512 * 1024 && wire.len() <= crate::MAX_CONTROL_PAYLOAD + 8);
+        assert_eq!(read_message(&mut Cursor::new(wire)).unwrap(), m);
     }
 
     #[test]
@@ -443,7 +586,15 @@ mod tests {
             b"\xff\xfe",
             br#"{"argv":"ls"}"#,
         ] {
-            for kind in [FrameType::Hello, FrameType::Exec, FrameType::Exit] {
+            for kind in [
+                FrameType::Hello,
+                FrameType::Exec,
+                FrameType::Exit,
+                FrameType::Manifest,
+                FrameType::WorkloadStatusOk,
+                FrameType::Logs,
+                FrameType::LogsOk,
+            ] {
                 let err = Message::from_frame(Frame {
                     kind,
                     payload: payload.to_vec(),

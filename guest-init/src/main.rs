@@ -1,6 +1,6 @@
 //! guest-init: PID 1 inside the guest.
 //!
-//! Its job, in order: mount /proc, /sys, /dev and /tmp; read its parameters from the kernel
+//! Its job, in order: mount /proc, /sys, /dev, /tmp and /run; read its parameters from the kernel
 //! command line; print `guest-init: ready`; start the guest agent if `gi.agent=` asks for
 //! it; run the command (`gi.cmd=`) or, without one, a built-in summary (or, with the agent
 //! on, serve the agent until a `Shutdown` request); print `guest-init: exit status N`; and
@@ -15,8 +15,8 @@
 //! - `guest-init: error: ...` for a failure of guest-init itself, followed by exit status 1.
 //!
 //! Children: one reaper thread collects every exit status in the guest (PID 1 inherits all
-//! orphans) and routes each to whoever started that child: the main command here, or an
-//! agent exec (see `reaper.rs`).
+//! orphans) and routes each to whoever started that child: the main command here, an agent
+//! exec, or the workload a manifest started over the agent (see `reaper.rs`, `workload/`).
 
 use std::io::Write;
 use std::process::Command;
@@ -40,10 +40,12 @@ mod cmdline;
 mod reaper;
 mod server;
 mod sys;
+mod workload;
 
 use cmdline::{EndAction, Params};
 use reaper::Reaper;
 use server::{ServerContext, ShutdownStage};
+use workload::{Workload, WorkloadConfig};
 
 /// What the main thread waits for once the workload is running.
 enum MainEvent {
@@ -75,6 +77,16 @@ fn mount_early_filesystems() -> Result<(), String> {
     ];
     for (fstype, target, flags, data) in mounts {
         sys::mount(fstype, target, flags, data).map_err(|e| format!("mount {target}: {e}"))?;
+    }
+    // /run holds the manifest the agent receives. Not fatal: a guest that never gets a
+    // manifest does not need it, and one that does is told why it fails.
+    if let Err(e) = sys::mount(
+        "tmpfs",
+        "/run",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    ) {
+        say!("note: mount /run: {e} (a manifest cannot be stored)");
     }
     Ok(())
 }
@@ -169,6 +181,7 @@ fn start_agent(
         on_shutdown: Box::new(move |stage| {
             let _ = tx.send(MainEvent::Shutdown(stage));
         }),
+        workload: Workload::new(WorkloadConfig::guest(), Arc::clone(reaper)),
     };
     if let Err(e) = server::listen::spawn_accept_loop(listener, Arc::new(ctx)) {
         say!("error: agent: starting its thread: {e}");

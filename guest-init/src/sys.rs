@@ -40,6 +40,18 @@ pub fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: &str) -> io
     Err(err)
 }
 
+/// Sets the machine's hostname (the UTS namespace's, which in the guest is the machine's).
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call; the
+    // kernel copies them and checks the length against HOST_NAME_MAX itself.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Makes sure fds 0, 1 and 2 are open on the console. The kernel opens /dev/console for
 /// init only if the node existed when init started; an initramfs without it leaves them
 /// closed.

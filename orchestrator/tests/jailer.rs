@@ -686,3 +686,102 @@ fn a_failure_inside_the_jail_is_reported_and_cleaned_up() {
         }
     }
 }
+
+/// `--dir`: a host directory appears at DEST, writable only with `:rw`; what the jailed
+/// process writes there is on the host at once; nested or clashing DESTs are refused.
+#[test]
+fn directories_are_bind_mounted_read_only_unless_rw() {
+    let base = Base::new("dirs");
+    let shared = TempDir(std::env::temp_dir().join(format!("jailer-dir-{}", std::process::id())));
+    let ro = shared.0.join("ro");
+    let rw = shared.0.join("rw");
+    for d in [&ro, &rw] {
+        fs::create_dir_all(d).unwrap();
+        // World-writable: only the mount flags can stop the jailed write.
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::write(ro.join("in.txt"), "host data\n").unwrap();
+    let script = "/busybox cat /cfg/in.txt
+echo x > /cfg/new || echo ro-refused
+echo from-jail > /state/out.txt && echo rw-ok";
+    let dirs = [
+        format!("{}:/cfg", ro.display()),
+        format!("{}:/state:rw", rw.display()),
+    ];
+    let d = run(&mut shell(
+        &base,
+        "d",
+        &["--dir", &dirs[0], "--dir", &dirs[1]],
+        script,
+    ));
+    assert_eq!(d.code, Some(0), "{}", d.stderr);
+    assert_eq!(
+        d.stdout.lines().collect::<Vec<_>>(),
+        ["host data", "ro-refused", "rw-ok"],
+        "{}",
+        d.stderr
+    );
+    assert!(!ro.join("new").exists());
+    assert_eq!(
+        fs::read_to_string(rw.join("out.txt")).unwrap(),
+        "from-jail\n"
+    );
+
+    let nested = format!("{}:/cfg/inner", rw.display());
+    let d = run(&mut shell(
+        &base,
+        "nested",
+        &["--dir", &dirs[0], "--dir", &nested],
+        "true",
+    ));
+    assert_refused(&d, 1, &["/cfg/inner", "inside the other"]);
+    let file = ro.join("in.txt");
+    let d = run(&mut shell(
+        &base,
+        "notdir",
+        &["--dir", file.to_str().unwrap()],
+        "true",
+    ));
+    assert_refused(&d, 1, &["in.txt", "--dir needs a directory"]);
+}
+
+/// Killing a non-daemonized jailer (SIGKILL: nothing to forward) kills its VMM too.
+#[test]
+fn killing_the_jailer_kills_the_jailed_process() {
+    let base = Base::new("pdeath");
+    let mut child = Running(
+        jailer(&base, BUSYBOX, "p", &["--json"], &["sleep", "600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _stderr = drain(child.0.stderr.take().unwrap());
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let pid = i32::try_from(report["pid"].as_i64().unwrap()).unwrap();
+    // The jailed sleep is running (its exec is done once the jailer's message is out).
+    let start = Instant::now();
+    while !fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|p| p.to_string_lossy().ends_with("busybox"))
+    {
+        assert!(start.elapsed() < TIMEOUT, "the jailed process never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let start = Instant::now();
+    // Gone, or a zombie waiting for init to reap it.
+    while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    }) {
+        assert!(start.elapsed() < TIMEOUT, "pid {pid} outlived its jailer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -6,6 +6,7 @@
 //! host (`tests/testhost/run`); there [`require_genuine_kvm`] makes any that still lack a
 //! genuine KVM fail loudly instead of passing.
 
+pub mod jail;
 pub mod kvm_probe;
 
 use std::io::Read;

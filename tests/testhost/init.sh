@@ -24,6 +24,12 @@ busybox mount -t devpts devpts /host/dev/pts
 busybox mount -t tmpfs tmpfs /host/dev/shm
 busybox mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 busybox mount -t tmpfs tmpfs /host/run
+# cgroup v2 only (this machine has v1 hierarchies plus an empty v2 mount), so the jailer is
+# tested on both kinds of host; controllers are enabled for the children of the root.
+busybox mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || fail "mounting cgroup2 failed"
+for c in memory cpu pids; do
+    echo "+$c" > /host/sys/fs/cgroup/cgroup.subtree_control || echo "testhost-init: cannot enable the cgroup2 $c controller"
+done
 busybox mount -t tmpfs tmpfs /host/var/tmp
 # The repository last: it may live under one of the tmpfs mounts above (a clone in /tmp).
 busybox mkdir -p "/host$repo" 2>/dev/null
@@ -31,8 +37,10 @@ busybox mount -t 9p -o "$opts" repo "/host$repo" || fail "mounting the repositor
 busybox chroot /host /sbin/modprobe kvm_amd || fail "modprobe kvm_amd failed"
 # Entropy for the test host itself, so nothing in it waits on getrandom().
 busybox chroot /host /sbin/modprobe virtio_rng 2>/dev/null
-# Networking the tests build: taps, veth pairs, bridges.
-for m in tun veth bridge; do busybox chroot /host /sbin/modprobe "$m" || fail "modprobe $m failed"; done
+# Networking the tests and the orchestrator build: taps, veth pairs, bridges, nftables NAT.
+for m in tun veth bridge nf_tables nft_chain_nat nft_nat nft_masq nft_ct; do
+    busybox chroot /host /sbin/modprobe "$m" || fail "modprobe $m failed"
+done
 busybox chroot /host /bin/sh -c "ip link set lo up" 2>/dev/null
 echo TESTHOST-BEGIN
 busybox chroot /host /usr/bin/env -i HOME=/root PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

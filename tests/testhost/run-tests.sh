@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs inside the KVM test host: each given test binary with --ignored (the real-guest
-# tests), one test at a time. Exits 1 if any binary fails. After each binary it prints
+# tests), one test at a time. With VMM_TEST_JAILER set, every VMM runs under that jailer
+# (tests/src/jail.rs). Exits 1 if any binary fails. After each binary it prints
 # `run-tests: DONE <binary> <status>`, so a caller whose test host wedged part-way can start
 # a fresh one with only the binaries not yet done (scripts/test.sh does).
 #
@@ -31,6 +32,6 @@ for bin in "${ordered[@]}"; do
     status=$?
     [[ $status -eq 0 ]] || failed=1
     echo "run-tests: DONE $(basename "$bin") $status"
-    rm -rf /tmp/vmm-test-* /tmp/vsock-* /tmp/vmm-snapshot-* 2>/dev/null
+    rm -rf /tmp/vmm-test-* /tmp/vsock-* /tmp/vmm-snapshot-* /run/vmm-test-jails /run/vmm-test-bin-* 2>/dev/null
 done
 exit $failed

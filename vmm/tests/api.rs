@@ -84,10 +84,10 @@ impl Vmm {
     fn start(name: &str, args: &[&str]) -> Vmm {
         let dir = temp_dir(name);
         let sock = dir.join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("--api-sock").arg(&sock).args(args);
+        let (mut cmd, _jail) = tests::jail::maybe_jailed(cmd);
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
             .stderr(std::fs::File::create(dir.join("stderr")).unwrap())

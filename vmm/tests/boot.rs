@@ -148,8 +148,8 @@ fn boot_timer_reports_guest_init_ready() {
 fn sigterm_stops_the_guest_and_the_vmm() {
     require_genuine_kvm();
     let a = Artifacts::get();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .arg("--kernel")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.arg("--kernel")
         .arg(&a.vmlinux)
         .arg("--initrd")
         .arg(&a.initramfs)
@@ -157,10 +157,9 @@ fn sigterm_stops_the_guest_and_the_vmm() {
             "--cmdline",
             "console=ttyS0 reboot=k panic=-1 quiet gi.cmd=\"busybox sleep 600\"",
         ])
-        .args(["--console", "none"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .args(["--console", "none"]);
+    let (mut cmd, _jail) = tests::jail::maybe_jailed(cmd);
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let pid = nix_pid(&child);
     // SAFETY: sending SIGTERM to our own child process.

@@ -23,8 +23,14 @@ impl Tap {
             .args(["link", "del", name])
             .stderr(std::process::Stdio::null())
             .status();
+        // A jailed VMM (unprivileged) may only attach to a tap its uid owns.
+        let mut add = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+        let uid = tests::jail::jail_uid().map(|u| u.to_string());
+        if let Some(u) = &uid {
+            add.extend(["user", u.as_str()]);
+        }
         for args in [
-            vec!["tuntap", "add", "dev", name, "mode", "tap"],
+            add,
             vec!["addr", "add", host_cidr, "dev", name],
             vec!["link", "set", name, "up"],
         ] {

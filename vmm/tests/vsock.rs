@@ -27,8 +27,8 @@ impl AgentVm {
         std::fs::create_dir_all(&dir).unwrap();
         let uds = dir.join("v.sock");
         let _ = std::fs::remove_file(&uds);
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .arg("--kernel")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("--kernel")
             .arg(&a.vmlinux)
             .arg("--initrd")
             .arg(&a.initramfs)
@@ -38,10 +38,9 @@ impl AgentVm {
             ])
             .arg("--vsock")
             .arg(format!("cid=3,uds={}", uds.display()))
-            .args(["--console", "none"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .args(["--console", "none"]);
+        let (mut cmd, _jail) = tests::jail::maybe_jailed(cmd);
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap();
         AgentVm { child, uds }
     }
 

@@ -19,8 +19,10 @@ use agent::{write_message, ErrorCode, ExecStart, ExitInfo, Message, MAX_DATA_CHU
 use super::{send_error, shorten, ServeError};
 use crate::reaper::Reaper;
 
-/// Base environment of an exec; the request's `env` overrides and extends it.
-const BASE_ENV: [(&str, &str); 2] = [("PATH", "/bin:/sbin:/usr/bin:/usr/sbin"), ("HOME", "/")];
+/// Base environment of an exec and of the workload; the request's `env` overrides and
+/// extends it.
+pub(crate) const BASE_ENV: [(&str, &str); 2] =
+    [("PATH", "/bin:/sbin:/usr/bin:/usr/sbin"), ("HOME", "/")];
 
 /// Output chunks buffered between the pipe threads and the connection.
 const CHANNEL_DEPTH: usize = 8;
@@ -54,7 +56,7 @@ fn take(slot: &Slot) -> Option<libc::c_int> {
 /// SIGKILLs the program's process group (it leads its own, see `process_group(0)`), then
 /// the program itself in case it left the group. Called only before its exit was reported,
 /// so its pid has not been recycled.
-fn kill_group(pid: libc::pid_t) {
+pub(crate) fn kill_group(pid: libc::pid_t) {
     // SAFETY: kill has no memory effects; a stale target just yields ESRCH.
     unsafe {
         libc::kill(-pid, libc::SIGKILL);
@@ -131,7 +133,8 @@ fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d).unwrap_or(t)
 }
 
-fn exit_info(raw: libc::c_int, timed_out: bool) -> ExitInfo {
+/// How a raw wait status ended the program.
+pub(crate) fn exit_info(raw: libc::c_int, timed_out: bool) -> ExitInfo {
     ExitInfo {
         code: libc::WIFEXITED(raw).then(|| libc::WEXITSTATUS(raw)),
         signal: libc::WIFSIGNALED(raw).then(|| libc::WTERMSIG(raw)),

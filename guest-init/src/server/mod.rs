@@ -15,11 +15,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agent::{
-    read_message, write_message, ErrorCode, ErrorInfo, FrameError, HealthOk, HelloOk, Message,
-    ShutdownOk, MAX_EXEC_STDIN, PROTOCOL_VERSION,
+    read_message, write_frame, write_message, ErrorCode, ErrorInfo, FrameError, FrameType,
+    HealthOk, HelloOk, LogsOk, LogsRequest, ManifestOk, Message, ShutdownOk, MAX_DATA_CHUNK,
+    MAX_EXEC_STDIN, MAX_LOG_READ, PROTOCOL_VERSION,
 };
 
+pub(crate) use exec::{exit_info, kill_group, BASE_ENV};
+
 use crate::reaper::Reaper;
+use crate::workload::Workload;
 
 /// The agent's software version, reported in `HelloOk` and `HealthOk`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,6 +51,8 @@ pub struct ServerContext {
     pub started: Instant,
     /// Told about `Shutdown` requests; must not block.
     pub on_shutdown: Box<dyn Fn(ShutdownStage) + Send + Sync>,
+    /// The workload a `Manifest` starts, shared by all connections.
+    pub workload: Workload,
 }
 
 /// Why a connection ended early. The host has been sent an `Error` frame where possible.
@@ -167,6 +173,14 @@ pub fn serve<S: Read + Write>(stream: &mut S, ctx: &ServerContext) -> Result<(),
                 };
                 exec::run(stream, &ctx.reaper, &start, stdin)?;
             }
+            Message::Manifest(delivery) => match ctx.workload.start(&delivery) {
+                Ok(pid) => send(stream, &Message::ManifestOk(ManifestOk { pid }))?,
+                Err(e) => send_error(stream, e.code, &e.message),
+            },
+            Message::WorkloadStatus(_) => {
+                send(stream, &Message::WorkloadStatusOk(ctx.workload.status()))?;
+            }
+            Message::Logs(req) => send_logs(stream, &ctx.workload, &req)?,
             Message::Shutdown(_) => {
                 send(stream, &Message::ShutdownOk(ShutdownOk {}))?;
                 (ctx.on_shutdown)(ShutdownStage::Requested);
@@ -183,6 +197,31 @@ pub fn serve<S: Read + Write>(stream: &mut S, ctx: &ServerContext) -> Result<(),
             }
         }
     }
+}
+
+/// Answers `Logs`: `LogsOk`, then the bytes it announces in `Stdout` frames.
+fn send_logs<W: Write>(
+    out: &mut W,
+    workload: &Workload,
+    req: &LogsRequest,
+) -> Result<(), ServeError> {
+    let max = usize::try_from(req.max_bytes)
+        .unwrap_or(usize::MAX)
+        .min(MAX_LOG_READ);
+    let read = workload.read_log(req.offset, max);
+    let len = u64::try_from(read.data.len()).unwrap_or(u64::MAX);
+    send(
+        out,
+        &Message::LogsOk(LogsOk {
+            start: read.start,
+            end: read.start.saturating_add(len),
+            dropped: read.dropped,
+        }),
+    )?;
+    for chunk in read.data.chunks(MAX_DATA_CHUNK) {
+        write_frame(out, FrameType::Stdout, chunk).map_err(ServeError::Frame)?;
+    }
+    Ok(())
 }
 
 /// Collects an exec's `Stdin` frames up to the empty one, within [`MAX_EXEC_STDIN`].

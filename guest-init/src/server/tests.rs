@@ -4,9 +4,12 @@
 use super::listen::{spawn_accept_loop, MAX_CONNECTIONS};
 use super::*;
 use crate::reaper::test_reaper;
+use crate::workload::tests::{delivery, scratch_dir, test_config};
+use crate::workload::{WorkloadConfig, MANIFEST_FILE};
 use agent::{
     encode_header, read_message, write_frame, AgentClient, AgentError, ExecRequest, ExecStart,
-    FrameType, Hello, Message, MAX_CONTROL_PAYLOAD, MAX_DATA_CHUNK,
+    FrameType, Hello, Message, RawManifest, WorkloadState, LOG_RING_SIZE, MAX_CONTROL_PAYLOAD,
+    MAX_DATA_CHUNK,
 };
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
@@ -20,6 +23,16 @@ struct Conn {
 }
 
 fn context() -> (ServerContext, mpsc::Receiver<ShutdownStage>) {
+    // Nothing is written unless a test sends a manifest, which these tests do not.
+    context_with(WorkloadConfig {
+        run_dir: scratch_dir("srv-unused"),
+        set_hostname: false,
+        console: None,
+        log_capacity: LOG_RING_SIZE,
+    })
+}
+
+fn context_with(config: WorkloadConfig) -> (ServerContext, mpsc::Receiver<ShutdownStage>) {
     let (tx, rx) = mpsc::channel();
     let ctx = ServerContext {
         reaper: test_reaper(),
@@ -27,8 +40,22 @@ fn context() -> (ServerContext, mpsc::Receiver<ShutdownStage>) {
         on_shutdown: Box::new(move |stage| {
             let _ = tx.send(stage);
         }),
+        workload: Workload::new(config, test_reaper()),
     };
     (ctx, rx)
+}
+
+/// A client past the handshake on a connection to a shared context.
+fn client_on(ctx: &Arc<ServerContext>) -> AgentClient<UnixStream> {
+    let (stream, mut server_end) = UnixStream::pair().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let ctx = Arc::clone(ctx);
+    thread::spawn(move || serve(&mut server_end, &ctx));
+    let mut c = AgentClient::new(stream);
+    c.hello().unwrap();
+    c
 }
 
 fn open() -> Conn {
@@ -283,10 +310,13 @@ fn invalid_exec_is_a_bad_request_and_the_connection_goes_on() {
 
 #[test]
 fn unknown_reserved_and_oversized_frames_close_the_connection() {
-    let cases: [(u8, u32, ErrorCode); 4] = [
+    let cases: [(u8, u32, ErrorCode); 6] = [
         (0x99, 0, ErrorCode::Protocol),
         (0x00, 0, ErrorCode::Protocol),
-        (0x40, 0, ErrorCode::Unsupported),
+        (0x44, 0, ErrorCode::Unsupported),
+        (0x62, 0, ErrorCode::Unsupported),
+        // A defined type with an empty (so not JSON) payload.
+        (FrameType::Manifest.as_u8(), 0, ErrorCode::Protocol),
         (
             FrameType::Exec.as_u8(),
             u32::try_from(MAX_CONTROL_PAYLOAD + 1).unwrap(),
@@ -446,5 +476,211 @@ fn accept_loop_serves_connections_in_parallel_and_caps_them() {
         assert!(Instant::now() < deadline, "slots never freed");
         thread::sleep(Duration::from_millis(20));
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_for_exit(c: &mut AgentClient<UnixStream>) -> agent::WorkloadStatusOk {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.workload_status().unwrap();
+        if s.state == WorkloadState::Exited {
+            return s;
+        }
+        assert_eq!(s.state, WorkloadState::Running);
+        assert!(Instant::now() < deadline, "workload never exited");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads the whole log from 0, polling until it ends with `tail`.
+fn logs_until(c: &mut AgentClient<UnixStream>, tail: &[u8]) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = Vec::new();
+        let mut offset = 0;
+        loop {
+            let chunk = c.logs(offset, 7).unwrap();
+            assert!(!chunk.dropped);
+            assert_eq!(chunk.start, offset);
+            if chunk.data.is_empty() {
+                break;
+            }
+            assert!(chunk.data.len() <= 7);
+            offset = chunk.end;
+            all.extend_from_slice(&chunk.data);
+        }
+        if all.ends_with(tail) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "log so far: {all:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn manifest_starts_a_workload_that_any_connection_can_follow() {
+    let dir = scratch_dir("srv-manifest");
+    let (ctx, _stages) = context_with(test_config(&dir, LOG_RING_SIZE));
+    let ctx = Arc::new(ctx);
+    let mut c = client_on(&ctx);
+    assert_eq!(c.workload_status().unwrap().state, WorkloadState::None);
+    let empty = c.logs(0, 100).unwrap();
+    assert_eq!((empty.start, empty.end, empty.data.len()), (0, 0, 0));
+
+    // A large delivery: 128 KiB of env, and a manifest that repeats it.
+    let stop = dir.join("stop");
+    let mut d = delivery(&[
+        "/bin/sh",
+        "-c",
+        r#"printf '%s' "$BIG_127" | wc -c; echo started
+           while [ ! -e "$STOP" ]; do sleep 0.02; done
+           echo done >&2; exit 7"#,
+    ]);
+    d.workload.env = (0..128)
+        .map(|i| (format!("BIG_{i}"), "x".repeat(1000)))
+        .collect();
+    d.workload
+        .env
+        .push(("STOP".into(), stop.display().to_string()));
+    let env_json: Vec<String> = d
+        .workload
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k:?}: {v:?}"))
+        .collect();
+    let text = format!(r#"{{"schema": 1, "env": {{{}}}}}"#, env_json.join(", "));
+    d.manifest = RawManifest::from_json(text).unwrap();
+    assert!(d.manifest.get().len() > 128 * 1000);
+    let pid = c.send_manifest(&d).unwrap();
+    let s = c.workload_status().unwrap();
+    assert_eq!((s.state, s.pid), (WorkloadState::Running, Some(pid)));
+
+    // A second manifest while it runs is refused; the connection goes on.
+    let e = c.send_manifest(&delivery(&["true"])).unwrap_err();
+    let AgentError::Remote { code, message } = e else {
+        panic!("expected an agent error");
+    };
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("already running"), "{message}");
+    c.health().unwrap();
+
+    // Another connection follows the log while the workload runs, then after it exits.
+    let mut other = client_on(&ctx);
+    let log = logs_until(&mut other, b"started\n");
+    assert_eq!(
+        String::from_utf8_lossy(&log).trim_start(),
+        "1000\nstarted\n"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let s = wait_for_exit(&mut other);
+    assert_eq!((s.pid, s.code, s.signal), (Some(pid), Some(7), None));
+    let log = logs_until(&mut c, b"done\n");
+    assert!(log.ends_with(b"started\ndone\n"));
+    // Past the end: nothing, from the end.
+    let end = u64::try_from(log.len()).unwrap();
+    let past = c.logs(end + 100, 10).unwrap();
+    assert_eq!((past.start, past.end, past.dropped), (end, end, false));
+
+    // The stored manifest is the one sent, verbatim.
+    let stored = std::fs::read_to_string(dir.join("run").join(MANIFEST_FILE)).unwrap();
+    assert_eq!(stored, d.manifest.get());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_manifests_are_refused_and_the_connection_goes_on() {
+    let dir = scratch_dir("srv-badmanifest");
+    let (ctx, _stages) = context_with(test_config(&dir, LOG_RING_SIZE));
+    let ctx = Arc::new(ctx);
+    let mut c = client_on(&ctx);
+    // The client refuses these itself, so write the frames by hand.
+    let payloads = [
+        // Exec's rules: an env name with '='.
+        r#"{"vm_id":"v","hostname":"h","workload":{"argv":["true"],"env":[["A=B","c"]]},"manifest":{}}"#,
+        // Not an object.
+        r#"{"vm_id":"v","hostname":"h","workload":{"argv":["true"]},"manifest":[1]}"#,
+        // A bad hostname.
+        r#"{"vm_id":"v","hostname":"a/b","workload":{"argv":["true"]},"manifest":{}}"#,
+    ];
+    for p in payloads {
+        let s = c.get_mut();
+        write_frame(s, FrameType::Manifest, p.as_bytes()).unwrap();
+        let Message::Error(e) = read_message(s).unwrap() else {
+            panic!("expected an Error frame");
+        };
+        assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+    }
+    let e = c
+        .send_manifest(&delivery(&["/no/such/program"]))
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::ExecFailed);
+    c.health().unwrap();
+    assert_eq!(c.workload_status().unwrap().state, WorkloadState::None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn logs_are_capped_bounded_in_chunks_and_report_drops() {
+    let dir = scratch_dir("srv-biglog");
+    let mut config = test_config(&dir, LOG_RING_SIZE);
+    config.console = None;
+    let (ctx, _stages) = context_with(config);
+    let ctx = Arc::new(ctx);
+    let mut c = client_on(&ctx);
+    // 3 MB of output into a 1 MiB ring.
+    c.send_manifest(&delivery(&[
+        "/bin/sh",
+        "-c",
+        "head -c 3000000 /dev/zero | tr '\\0' 'z'; echo end",
+    ]))
+    .unwrap();
+    wait_for_exit(&mut c);
+    let total = 3_000_004u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let chunk = loop {
+        let chunk = c.logs(0, u32::MAX).unwrap();
+        if chunk.data.ends_with(b"zend\n") {
+            break chunk;
+        }
+        assert!(Instant::now() < deadline, "log never complete");
+        thread::sleep(Duration::from_millis(20));
+    };
+    // max_bytes is capped at 1 MiB, and the ring holds the newest 1 MiB: all of it.
+    let ring = u64::try_from(LOG_RING_SIZE).unwrap();
+    assert!(chunk.dropped);
+    assert_eq!((chunk.start, chunk.end), (total - ring, total));
+    assert_eq!(chunk.data.len(), agent::MAX_LOG_READ);
+    // From the middle of what is held, with a small cap.
+    let mid = c.logs(total - 10, 4).unwrap();
+    assert_eq!(
+        (mid.start, mid.end, mid.dropped),
+        (total - 10, total - 6, false)
+    );
+    assert_eq!(mid.data, b"zzzz");
+
+    // On the wire: LogsOk, then data frames of at most MAX_DATA_CHUNK, nothing more.
+    let s = c.get_mut();
+    write_message(
+        s,
+        &Message::Logs(agent::LogsRequest {
+            offset: total - ring,
+            max_bytes: 200_000,
+        }),
+    )
+    .unwrap();
+    let Message::LogsOk(ok) = read_message(s).unwrap() else {
+        panic!("expected LogsOk");
+    };
+    assert_eq!((ok.end - ok.start, ok.dropped), (200_000, false));
+    let mut got = 0;
+    while got < 200_000 {
+        let Message::Stdout(d) = read_message(s).unwrap() else {
+            panic!("expected log data");
+        };
+        assert!(!d.is_empty() && d.len() <= MAX_DATA_CHUNK);
+        got += d.len();
+    }
+    assert_eq!(got, 200_000);
+    c.health().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -181,6 +181,8 @@ pub struct JailSpec<'a> {
     pub gid: u32,
     /// `--file`s.
     pub files: &'a [FileSpec],
+    /// `--dir`s: host directories bind-mounted into the jail.
+    pub dirs: &'a [FileSpec],
     /// Make `/proc` for a procfs mount.
     pub mount_proc: bool,
 }
@@ -240,11 +242,24 @@ pub fn build(spec: &JailSpec) -> Result<Jail, ChrootError> {
             ));
         }
     }
-    for (i, f) in spec.files.iter().enumerate() {
-        if spec.files[..i].iter().any(|g| g.dest == f.dest) {
+    for d in spec.dirs {
+        check_dir_source(&d.src)?;
+        if d.dest == Path::new("/").join(&name) {
+            return Err(ChrootError::BadFileSpec(
+                d.src.display().to_string(),
+                "DEST clashes with the jailed binary",
+            ));
+        }
+    }
+    let all: Vec<&FileSpec> = spec.files.iter().chain(spec.dirs).collect();
+    for (i, f) in all.iter().enumerate() {
+        if all[..i]
+            .iter()
+            .any(|g| f.dest.starts_with(&g.dest) || g.dest.starts_with(&f.dest))
+        {
             return Err(ChrootError::BadFileSpec(
                 f.dest.display().to_string(),
-                "two --file entries share this DEST",
+                "two --file/--dir entries share this DEST (or one is inside the other)",
             ));
         }
     }
@@ -353,6 +368,19 @@ fn fill(jail: &mut Jail, spec: &JailSpec, devices: &[(PathBuf, u64)]) -> Result<
         }
     }
 
+    for d in spec.dirs {
+        // Always a bind mount (a directory cannot be hard-linked); its owner and mode are
+        // the caller's business.
+        let target = root.join(d.dest.strip_prefix("/").unwrap_or(&d.dest));
+        dirb.create(&target).map_err(io_err("create", &target))?;
+        let src = fs::canonicalize(&d.src).map_err(io_err("resolve", &d.src))?;
+        jail.binds.push(BindMount {
+            src,
+            target,
+            rw: d.rw,
+        });
+    }
+
     if let Some(interp) = elf_interpreter(spec.exec_file)? {
         let inside = root.join(interp.trim_start_matches('/'));
         if !inside.exists() {
@@ -434,6 +462,18 @@ fn check_source(path: &Path) -> Result<(), ChrootError> {
     let md = fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if !(md.is_file() || md.file_type().is_block_device()) {
         return Err(bad("not a regular file or block device".into()));
+    }
+    Ok(())
+}
+
+fn check_dir_source(path: &Path) -> Result<(), ChrootError> {
+    let bad = |why: String| ChrootError::BadFile {
+        path: path.into(),
+        why,
+    };
+    let md = fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !md.is_dir() {
+        return Err(bad("--dir needs a directory".into()));
     }
     Ok(())
 }

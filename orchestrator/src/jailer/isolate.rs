@@ -105,6 +105,9 @@ pub struct Confinement {
     pub args: Vec<OsString>,
     /// The signal mask to restore before exec.
     pub sigmask: SigSet,
+    /// SIGKILL the VMM when the jailer (its parent) dies, so killing a non-daemonized
+    /// jailer never leaves its VMM running unsupervised.
+    pub die_with_parent: bool,
 }
 
 fn cstring(s: &std::ffi::OsStr) -> Result<CString, IsolateError> {
@@ -170,6 +173,12 @@ pub fn enter(c: &Confinement) -> Result<Infallible, IsolateError> {
     setresgid(gid, gid, gid).map_err(sys(format!("setresgid {}", c.gid)))?;
     setresuid(uid, uid, uid).map_err(sys(format!("setresuid {}", c.uid)))?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
+    if c.die_with_parent {
+        // After the id change, which would clear it (prctl(2)). The parent is alive: it
+        // waits for our exec on the error pipe.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(sys("PR_SET_PDEATHSIG"))?;
+    }
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&c.sigmask), None)
         .map_err(sys("restore the signal mask"))?;
 

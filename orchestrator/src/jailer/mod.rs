@@ -4,7 +4,8 @@
 //! PID 1, unprivileged, with no way to regain privileges (`isolate.rs`).
 //!
 //! The parent stays behind (unless `--daemonize`): it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT
-//! to the VMM, exits with its status and removes the per-VM cgroups. The jail directory is
+//! to the VMM, exits with its status and removes the per-VM cgroups; if it is killed, the
+//! kernel kills the VMM too (parent-death signal). The jail directory is
 //! left for the caller, who may want the sockets, logs or snapshot files in it.
 
 pub mod cgroup;
@@ -33,11 +34,14 @@ use isolate::{Confinement, ResourceLimit};
 const AFTER_HELP: &str = "\
 Steps, in order: close inherited fds above 2 and clear the environment; build the jail
 directory <chroot-base-dir>/<exec-file name>/<id>/root with a copy of --exec-file, each
---file (hard link, or a bind mount when on another filesystem) and /dev/kvm, /dev/net/tun,
-/dev/urandom nodes owned by --uid/--gid; create the cgroups and write the limits; enter
+--file (hard link, or a bind mount when on another filesystem), a mount point per --dir
+and /dev/kvm, /dev/net/tun, /dev/urandom nodes owned by --uid/--gid; create the cgroups and write the limits; enter
 --netns; unshare PID, mount, IPC and UTS namespaces and fork: the child is PID 1 there; make
 mounts private, pivot_root into the jail; set rlimits; drop every capability, setgroups([]),
 setgid, setuid; set no_new_privs; exec /<exec-file name> VMM_ARGS with an empty environment.
+Without --daemonize the jailer waits, passes SIGTERM/SIGINT/SIGHUP/SIGQUIT on, and exits with
+the VMM's status (128+N if a signal N killed it); if the jailer itself is killed, so is the
+VMM.
 
 VMM_ARGS are seen from inside the jail: name files by their jail path. A socket the VMM
 creates at /api.sock is reachable from the host at <chroot-base-dir>/vmm/<id>/root/api.sock.
@@ -97,6 +101,12 @@ pub struct JailerArgs {
     /// host file's owner since the jail shares its inode.
     #[arg(long = "file", value_name = "SRC[:DEST][:rw]")]
     pub files: Vec<FileSpec>,
+    /// A host directory to bind-mount in the jail, repeatable: SRC[:DEST][:rw]. DEST
+    /// defaults to /<name of SRC>; read-only unless `rw`. Unlike --file it is not chowned:
+    /// make it writable for --uid/--gid yourself (e.g. a per-VM state directory for
+    /// snapshots). Everything below SRC becomes visible to the VMM.
+    #[arg(long = "dir", value_name = "SRC[:DEST][:rw]")]
+    pub dirs: Vec<FileSpec>,
     /// Mount a fresh /proc (of the new PID namespace) in the jail. vmm runs without one but
     /// then skips its host-memory check (/proc/meminfo) and writes snapshots without
     /// skipping unpopulated pages (/proc/self/pagemap).
@@ -178,6 +188,7 @@ pub fn run(args: JailerArgs) -> anyhow::Result<i32> {
         uid: args.uid,
         gid: args.gid,
         files: &args.files,
+        dirs: &args.dirs,
         mount_proc: args.mount_proc,
     })?;
     let cgroups = match plan.as_ref().map(CgroupPlan::create).transpose() {
@@ -255,6 +266,7 @@ fn start(
         exec: exec.clone(),
         args: args.vmm_args.clone(),
         sigmask: old,
+        die_with_parent: !args.daemonize,
     };
     // Affects our children only: the first one is PID 1 of the new namespace.
     unshare(CloneFlags::CLONE_NEWPID).context("unshare the PID namespace")?;

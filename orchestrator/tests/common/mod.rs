@@ -2,6 +2,8 @@
 //! with a timeout, reading a jailed script's output, cleaning up cgroups, and locating and
 //! feeding the real `vmm`.
 
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;

@@ -111,6 +111,7 @@ impl Guest {
             .args(["--memory-mib", &self.mem_mib.to_string()])
             .args(["--cmdline", &cmdline])
             .args(&self.args);
+        let (mut cmd, _jail) = tests::jail::maybe_jailed(cmd);
         let out = run_with_timeout(&mut cmd, self.timeout);
         assert!(
             !out.timed_out,
@@ -182,6 +183,7 @@ pub struct VmmProcess {
     /// Its API socket, if started with one.
     pub sock: Option<PathBuf>,
     name: String,
+    jail: Option<tests::jail::JailInfo>,
 }
 
 impl VmmProcess {
@@ -195,8 +197,9 @@ impl VmmProcess {
         if let Some(s) = &sock {
             cmd.arg("--api-sock").arg(s);
         }
+        cmd.args(args);
+        let (mut cmd, jail) = tests::jail::maybe_jailed(cmd);
         let child = cmd
-            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -207,6 +210,7 @@ impl VmmProcess {
             dir: dir.to_path_buf(),
             sock,
             name: name.into(),
+            jail,
         };
         if let Some(s) = p.sock.clone() {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -225,9 +229,12 @@ impl VmmProcess {
         p
     }
 
-    /// The process id.
+    /// The VMM's process id (under the jailer, the jailed VMM's, not the jailer's).
     pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
+        match &self.jail {
+            Some(j) => j.vmm_pid(),
+            None => i32::try_from(self.child.id()).unwrap(),
+        }
     }
 
     /// stdout and stderr so far.
@@ -260,10 +267,12 @@ impl VmmProcess {
         v["state"].as_str().unwrap().to_string()
     }
 
-    /// Sends `sig` and waits (at most `limit`) for the exit.
+    /// Sends `sig` (to the jailer, which passes it on, when jailed) and waits (at most
+    /// `limit`) for the exit.
     pub fn signal_and_wait(&mut self, sig: i32, limit: Duration) -> std::process::ExitStatus {
+        let pid = i32::try_from(self.child.id()).unwrap();
         // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.pid(), sig) };
+        unsafe { libc::kill(pid, sig) };
         self.wait(limit)
     }
 

@@ -1,0 +1,504 @@
+//! The control API: REST + JSON over the unix control socket (and optionally TCP with a
+//! bearer token), built on axum. Endpoints are listed in `orchestrator/openapi.yaml` and the
+//! README. Errors are `{"error": {"kind", "message", "fields": [{"path", "reason"}]}}` with
+//! a 4xx/5xx status; a bad manifest or body never creates anything.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::vm::{self, ErrorKind, OpError};
+use super::Daemon;
+use crate::manifest::{FieldError, Manifest, MAX_MANIFEST_BYTES};
+use crate::store::VmState;
+
+type Shared = Arc<Daemon>;
+
+impl IntoResponse for OpError {
+    fn into_response(self) -> Response {
+        let status = match self.kind {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let kind = match self.kind {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Internal => "internal",
+        };
+        let body = json!({"error": {"kind": kind, "message": self.message, "fields": self.fields}});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+fn bad_body(e: serde_json::Error) -> OpError {
+    let path = if e.is_syntax() || e.is_eof() {
+        String::new()
+    } else {
+        // serde_json names the field in its message ("unknown field `x`", "missing field").
+        String::from("body")
+    };
+    OpError {
+        kind: ErrorKind::BadRequest,
+        message: format!("invalid request body: {e}"),
+        fields: vec![FieldError {
+            path,
+            reason: e.to_string(),
+        }],
+    }
+}
+
+/// Parses a JSON body into `T`, naming the field at fault.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, OpError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            return bad_body(inner);
+        }
+        OpError {
+            kind: ErrorKind::BadRequest,
+            message: format!("invalid request body: {path}: {inner}"),
+            fields: vec![FieldError {
+                path,
+                reason: inner.to_string(),
+            }],
+        }
+    })
+}
+
+/// Runs blocking work (SQLite, the jailer, agents) off the async threads.
+async fn blocking<T: Send + 'static>(
+    d: &Shared,
+    f: impl FnOnce(&Daemon) -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    let d = Arc::clone(d);
+    tokio::task::spawn_blocking(move || f(&d))
+        .await
+        .map_err(|e| OpError::new(ErrorKind::Internal, format!("task failed: {e}")))?
+}
+
+fn manifest_json(r: &crate::store::ManifestRecord) -> Value {
+    json!({
+        "name": r.name,
+        "hash": r.hash,
+        "created_at_ms": r.created_at_ms,
+        "manifest": r.manifest.to_value(),
+    })
+}
+
+async fn info(State(d): State<Shared>) -> Result<axum::Json<Value>, OpError> {
+    let subnet = d.config.subnet;
+    let usage = blocking(&d, move |d| Ok(d.with_store(|s| s.lease_usage(&subnet))?)).await?;
+    Ok(axum::Json(json!({
+        "name": "orchestrator",
+        "version": env!("CARGO_PKG_VERSION"),
+        "subnet": subnet.to_string(),
+        "gateway": subnet.gateway().to_string(),
+        "leases": usage,
+    })))
+}
+
+async fn list_manifests(State(d): State<Shared>) -> Result<axum::Json<Value>, OpError> {
+    let list = blocking(&d, |d| Ok(d.with_store(|s| s.list_manifests())?)).await?;
+    Ok(axum::Json(Value::Array(
+        list.iter().map(manifest_json).collect(),
+    )))
+}
+
+async fn add_manifest(State(d): State<Shared>, body: Bytes) -> Result<Response, OpError> {
+    let m = Manifest::parse(&body).map_err(|e| OpError {
+        kind: ErrorKind::BadRequest,
+        message: format!("invalid manifest: {e}"),
+        fields: e.errors().to_vec(),
+    })?;
+    let rec = blocking(&d, move |d| Ok(d.with_store(|s| s.add_manifest(&m))?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(manifest_json(&rec))).into_response())
+}
+
+async fn get_manifest(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, OpError> {
+    let rec = blocking(&d, move |d| Ok(d.with_store(|s| s.get_manifest(&name))?)).await?;
+    Ok(axum::Json(manifest_json(&rec)))
+}
+
+async fn remove_manifest(
+    State(d): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, OpError> {
+    blocking(&d, move |d| Ok(d.with_store(|s| s.remove_manifest(&name))?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_vms(State(d): State<Shared>) -> Result<axum::Json<Value>, OpError> {
+    let list = blocking(&d, |d| Ok(d.with_store(|s| s.list_vms())?)).await?;
+    Ok(axum::Json(json!(list)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    manifest: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn create_vm(State(d): State<Shared>, body: Bytes) -> Result<Response, OpError> {
+    let b: CreateBody = parse_body(&body)?;
+    let id = b.id.clone().unwrap_or_else(vm::new_vm_id);
+    let lock = d.vm_lock(&id);
+    let _g = lock.lock().await;
+    let rec = blocking(&d, move |d| vm::create(d, &b.manifest, Some(id))).await?;
+    vm::watch(Arc::clone(&d), rec.id.clone());
+    Ok((StatusCode::CREATED, axum::Json(json!(rec))).into_response())
+}
+
+async fn get_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, OpError> {
+    let rec = blocking(&d, move |d| Ok(d.with_store(|s| s.get_vm(&id))?)).await?;
+    Ok(axum::Json(json!(rec)))
+}
+
+async fn destroy_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, OpError> {
+    let lock = d.vm_lock(&id);
+    let _g = lock.lock().await;
+    blocking(&d, move |d| vm::destroy(d, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stop_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, OpError> {
+    let lock = d.vm_lock(&id);
+    let _g = lock.lock().await;
+    let rec = blocking(&d, move |d| vm::stop(d, &id)).await?;
+    Ok(axum::Json(json!(rec)))
+}
+
+async fn exec_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, OpError> {
+    let b: vm::ExecBody = parse_body(&body)?;
+    if b.argv.is_empty() {
+        return Err(OpError {
+            kind: ErrorKind::BadRequest,
+            message: "argv is empty".into(),
+            fields: vec![FieldError {
+                path: "argv".into(),
+                reason: "needs at least the program".into(),
+            }],
+        });
+    }
+    let out = blocking(&d, move |d| vm::exec(d, &id, &b)).await?;
+    Ok(axum::Json(json!(out)))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn vm_logs(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<axum::Json<Value>, OpError> {
+    let logs = blocking(&d, move |d| vm::logs(d, &id, q.offset)).await?;
+    Ok(axum::Json(json!(logs)))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    since: i64,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Events after `since`: a JSON array, or with `follow=true` (or `Accept:
+/// text/event-stream`) a Server-Sent Events stream that stays open, one `data:` line of
+/// JSON per event, `id:` = its sequence number.
+async fn events(
+    State(d): State<Shared>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, OpError> {
+    let sse = q.follow
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+    if !sse {
+        let since = q.since;
+        let list = blocking(&d, move |d| {
+            Ok(d.with_store(|s| s.events_since(since, 1000))?)
+        })
+        .await?;
+        return Ok(axum::Json(json!(list)).into_response());
+    }
+    let stream =
+        futures_util::stream::unfold((d, q.since, true), |(d, mut after, first)| async move {
+            if !first {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let d2 = Arc::clone(&d);
+            let list = tokio::task::spawn_blocking(move || {
+                d2.with_store(|s| s.events_since(after, 256))
+                    .unwrap_or_default()
+            })
+            .await
+            .unwrap_or_default();
+            let mut chunk = String::new();
+            if first {
+                // Tells the client the stream is live before any event.
+                chunk.push_str(": connected\n\n");
+            }
+            for e in &list {
+                after = after.max(e.seq);
+                let data = serde_json::to_string(e).unwrap_or_default();
+                chunk.push_str(&format!(
+                    "id: {}\nevent: {}\ndata: {data}\n\n",
+                    e.seq, e.kind
+                ));
+            }
+            Some((Ok::<_, Infallible>(Bytes::from(chunk)), (d, after, false)))
+        });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+/// Prometheus text format.
+async fn metrics(State(d): State<Shared>) -> Result<Response, OpError> {
+    let subnet = d.config.subnet;
+    let (vms, usage) = blocking(&d, move |d| {
+        Ok(d.with_store(|s| {
+            Ok::<_, crate::store::StoreError>((s.list_vms()?, s.lease_usage(&subnet)?))
+        })?)
+    })
+    .await?;
+    let mut out = String::new();
+    out.push_str("# HELP orchestrator_vms VMs by state.\n# TYPE orchestrator_vms gauge\n");
+    for st in VmState::ALL {
+        let n = vms.iter().filter(|v| v.state == st).count();
+        out.push_str(&format!("orchestrator_vms{{state=\"{st}\"}} {n}\n"));
+    }
+    out.push_str("# HELP orchestrator_leases_used Leased addresses.\n# TYPE orchestrator_leases_used gauge\n");
+    out.push_str(&format!("orchestrator_leases_used {}\n", usage.used));
+    out.push_str("# HELP orchestrator_leases_total Leasable addresses.\n# TYPE orchestrator_leases_total gauge\n");
+    out.push_str(&format!("orchestrator_leases_total {}\n", usage.total));
+    let lat = match d.latencies.lock() {
+        Ok(g) => (g.create.clone(), g.destroy.clone()),
+        Err(p) => {
+            let g = p.into_inner();
+            (g.create.clone(), g.destroy.clone())
+        }
+    };
+    for (name, what, samples) in [
+        ("create", "VM create to running", &lat.0),
+        ("destroy", "VM destroy", &lat.1),
+    ] {
+        out.push_str(&format!(
+            "# HELP orchestrator_{name}_seconds {what} latency (last 1024).\n# TYPE orchestrator_{name}_seconds summary\n"
+        ));
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        for q in [0.5, 0.99] {
+            if let Some(v) = quantile(&sorted, q) {
+                out.push_str(&format!(
+                    "orchestrator_{name}_seconds{{quantile=\"{q}\"}} {v:.6}\n"
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "orchestrator_{name}_seconds_sum {:.6}\norchestrator_{name}_seconds_count {}\n",
+            sorted.iter().sum::<f64>(),
+            sorted.len()
+        ));
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        out,
+    )
+        .into_response())
+}
+
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    // Nearest rank: the smallest sample with at least a fraction q of samples at or below.
+    let n = sorted.len();
+    let rank = (1..=n).find(|&k| k as f64 >= q * n as f64).unwrap_or(n);
+    sorted.get(rank - 1).copied()
+}
+
+async fn not_found() -> OpError {
+    OpError::new(
+        ErrorKind::NotFound,
+        "no such endpoint (see GET /v1 and the README)",
+    )
+}
+
+/// The router, shared by both listeners.
+pub fn router(d: Shared) -> Router {
+    Router::new()
+        .route("/v1", get(info))
+        .route("/v1/manifests", get(list_manifests).post(add_manifest))
+        .route(
+            "/v1/manifests/{name}",
+            get(get_manifest).delete(remove_manifest),
+        )
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(destroy_vm))
+        .route("/v1/vms/{id}/stop", post(stop_vm))
+        .route("/v1/vms/{id}/exec", post(exec_vm))
+        .route("/v1/vms/{id}/logs", get(vm_logs))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_MANIFEST_BYTES + 4096))
+        .with_state(d)
+}
+
+/// TCP clients must send `Authorization: Bearer <token>`.
+async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        let body = json!({"error": {"kind": "unauthorized", "message": "missing or wrong bearer token", "fields": []}});
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Binds the control socket (mode 0660, root:socket group) and the optional TCP listener,
+/// and serves until SIGTERM/SIGINT.
+pub async fn serve(d: Shared) -> anyhow::Result<()> {
+    let sock = d.config.socket.clone();
+    if let Some(parent) = sock.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    match std::os::unix::net::UnixStream::connect(&sock) {
+        Ok(_) => anyhow::bail!("{}: another orchestrator is serving there", sock.display()),
+        Err(_) => {
+            let _ = std::fs::remove_file(&sock);
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("bind {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", sock.display()))?;
+    if let Some(gid) = d.config.socket_gid {
+        std::os::unix::fs::chown(&sock, None, Some(gid))
+            .with_context(|| format!("chown {}", sock.display()))?;
+    }
+    let app = router(Arc::clone(&d));
+    if let (Some(addr), Some(token)) = (d.config.tcp, d.config.token.clone()) {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let app = app.clone().layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = tcp.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                serve_conn(TokioIo::new(stream), app.clone());
+            }
+        });
+        eprintln!("orchestrator: also serving TCP on {addr} (bearer token required)");
+    }
+    eprintln!("orchestrator: serving on {}", sock.display());
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let allowed_gid = d.config.socket_gid;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        // The socket's mode already limits who connects; the peer's credentials are
+        // checked as well, so a socket whose mode was loosened by hand does not open up.
+        let ok = stream.peer_cred().is_ok_and(|c| {
+            c.uid() == 0 || c.uid() == own_uid || allowed_gid.is_some_and(|g| c.gid() == g)
+        });
+        if !ok {
+            continue;
+        }
+        serve_conn(TokioIo::new(stream), app.clone());
+    }
+    let _ = std::fs::remove_file(&sock);
+    eprintln!("orchestrator: stopped (VMs keep running; a restart re-adopts them)");
+    Ok(())
+}
+
+fn serve_conn<I>(io: TokioIo<I>, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    tokio::spawn(async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
+    });
+}

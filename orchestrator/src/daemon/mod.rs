@@ -1,0 +1,196 @@
+//! `orchestrator serve`: the daemon. It owns the state database (the source of truth), serves
+//! the control API (REST + JSON over a unix socket, optionally TCP with a bearer token;
+//! `api.rs`), runs one jailed `vmm` per VM (`vm.rs`), watches each VMM process through a
+//! pidfd and reconciles the database with reality when it starts (`reconcile.rs`).
+//!
+//! Blocking work (SQLite, spawning the jailer, talking to guest agents over vsock) runs on
+//! tokio's blocking pool; the async side only routes requests and streams events.
+
+pub mod api;
+pub mod reconcile;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::net_addr::Subnet;
+use crate::store::Store;
+
+/// Everything `orchestrator serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `state.db`, `vms/<id>/` (per-VM disks, jailer reports) and `jail/`.
+    pub state_dir: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Group allowed to use the control socket besides root and the daemon's own uid.
+    pub socket_gid: Option<u32>,
+    /// Optional TCP listener (needs `token`).
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Bearer token for TCP clients.
+    pub token: Option<String>,
+    /// The VM subnet; its first host address is the bridge's.
+    pub subnet: Subnet,
+    /// The host bridge's name.
+    pub bridge: String,
+    /// The `jailer` binary.
+    pub jailer: PathBuf,
+    /// The `vmm` binary.
+    pub vmm: PathBuf,
+    /// VMMs run as uid/gid `uid_base + host index of their address` (unique per live VM).
+    pub uid_base: u32,
+    /// How long a new VM may take to answer on its agent port.
+    pub ready_timeout: Duration,
+}
+
+impl Config {
+    /// The state database.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+
+    /// Per-VM files kept by the daemon (outside the jail).
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("vms").join(id)
+    }
+
+    /// The jailer's `--chroot-base-dir`.
+    pub fn jail_base(&self) -> PathBuf {
+        self.state_dir.join("jail")
+    }
+}
+
+/// Latency samples for the metrics endpoint (the last 1024 of each).
+#[derive(Debug, Default)]
+pub struct Latencies {
+    /// Create-to-running, seconds.
+    pub create: Vec<f64>,
+    /// Destroy, seconds.
+    pub destroy: Vec<f64>,
+}
+
+impl Latencies {
+    fn push(v: &mut Vec<f64>, s: f64) {
+        if v.len() >= 1024 {
+            v.remove(0);
+        }
+        v.push(s);
+    }
+}
+
+/// State shared by the API handlers and the VM tasks.
+pub struct Daemon {
+    /// Configuration.
+    pub config: Config,
+    /// The state database (one connection; every use is short).
+    pub store: Mutex<Store>,
+    /// Per-VM locks: one lifecycle operation at a time per VM.
+    pub vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Latency samples.
+    pub latencies: Mutex<Latencies>,
+}
+
+impl Daemon {
+    /// Runs `f` with the database.
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut guard = match self.store.lock() {
+            Ok(g) => g,
+            // A panic while holding the lock leaves SQLite consistent (transactions roll
+            // back); keep serving.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// The lock serialising lifecycle operations on VM `id`.
+    pub fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = match self.vm_locks.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Records a latency sample.
+    pub fn record_latency(&self, create: bool, seconds: f64) {
+        let mut l = match self.latencies.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if create {
+            Latencies::push(&mut l.create, seconds);
+        } else {
+            Latencies::push(&mut l.destroy, seconds);
+        }
+    }
+}
+
+/// Checks that a directory the daemon owns exists (creating it 0755) and is root's.
+pub fn ensure_private_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    if md.uid() != 0 || md.mode() & 0o002 != 0 {
+        anyhow::bail!(
+            "{} must be owned by root and not world-writable (uid {}, mode {:o})",
+            path.display(),
+            md.uid(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("orchestrator serve must run as root (it creates network namespaces, jails and cgroups)");
+    }
+    if config.tcp.is_some() && config.token.is_none() {
+        anyhow::bail!("--tcp needs --token-file: TCP clients must present a bearer token");
+    }
+    for (what, p) in [("--jailer", &config.jailer), ("--vmm", &config.vmm)] {
+        if !p.is_file() {
+            anyhow::bail!("{what} {}: not a file", p.display());
+        }
+    }
+    ensure_private_dir(&config.state_dir)?;
+    ensure_private_dir(&config.state_dir.join("vms"))?;
+    ensure_private_dir(&config.jail_base())?;
+    let store = Store::open(&config.db_path())?;
+    crate::netsetup::ensure_host(&vm::host_net(&config)).context("set up the host network")?;
+
+    let daemon = Arc::new(Daemon {
+        config,
+        store: Mutex::new(store),
+        vm_locks: Mutex::new(HashMap::new()),
+        latencies: Mutex::new(Latencies::default()),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    rt.block_on(async move {
+        let report = {
+            let d = Arc::clone(&daemon);
+            tokio::task::spawn_blocking(move || reconcile::reconcile(&d))
+                .await
+                .context("reconcile task")??
+        };
+        eprintln!("orchestrator: {report}");
+        for id in report.adopted.iter() {
+            vm::watch(Arc::clone(&daemon), id.clone());
+        }
+        api::serve(daemon).await
+    })
+}

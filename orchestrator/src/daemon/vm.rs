@@ -1,0 +1,757 @@
+//! One VM's lifecycle: create (lease, netns, jail, VMM, agent health, manifest), stop,
+//! destroy, exec, logs, and the watcher that notices a VMM that died.
+//!
+//! Every step that creates something on the host is undone if a later step fails, and is
+//! also findable afterwards from the database row alone (the reconciler's job after a
+//! crash): the netns is `orch-<id>`, the jail is `<state>/jail/vmm/<id>`, the per-VM files are
+//! `<state>/vms/<id>` with the jailer's report in `jail.json`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::Daemon;
+use crate::manifest::{FieldError, Manifest};
+use crate::netsetup;
+use crate::store::{StoreError, VmRecord, VmState};
+
+/// Where a VM's vsock socket is, inside its jail.
+pub const VSOCK_IN_JAIL: &str = "/v.sock";
+/// The console log inside the jail.
+pub const CONSOLE_IN_JAIL: &str = "/console.log";
+/// Guest context id of every VM (each has its own vsock device and socket).
+pub const GUEST_CID: u32 = 3;
+/// Largest console tail returned by `logs` or kept for a crashed VM.
+pub const CONSOLE_TAIL: usize = 64 * 1024;
+
+/// What went wrong, with the HTTP status class it maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 400: the request is wrong.
+    BadRequest,
+    /// 404.
+    NotFound,
+    /// 409: the state forbids it.
+    Conflict,
+    /// 503: out of a resource (addresses).
+    Unavailable,
+    /// 504: the guest did not answer in time.
+    Timeout,
+    /// 500.
+    Internal,
+}
+
+/// An operation's failure: a kind, a message naming the VM/field/file, and field errors.
+#[derive(Debug, Clone)]
+pub struct OpError {
+    /// Its class.
+    pub kind: ErrorKind,
+    /// What happened.
+    pub message: String,
+    /// Field-level problems (manifests, request bodies).
+    pub fields: Vec<FieldError>,
+}
+
+impl OpError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> OpError {
+        OpError {
+            kind,
+            message: message.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> OpError {
+        OpError::new(ErrorKind::Internal, e.to_string())
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> OpError {
+        let kind = match &e {
+            StoreError::InvalidVmId { .. } => ErrorKind::BadRequest,
+            StoreError::ManifestNotFound { .. } | StoreError::VmNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            StoreError::ManifestExists { .. }
+            | StoreError::ManifestInUse { .. }
+            | StoreError::VmExists { .. }
+            | StoreError::MacCollision { .. } => ErrorKind::Conflict,
+            StoreError::NoFreeAddress { .. } => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        };
+        // The whole chain: SQLite's own words are in the source.
+        OpError::new(kind, format!("{:#}", anyhow::Error::new(e)))
+    }
+}
+
+/// The host side of the VM network, from the configuration.
+pub fn host_net(c: &super::Config) -> netsetup::HostNet {
+    netsetup::HostNet {
+        bridge: c.bridge.clone(),
+        subnet: c.subnet,
+        ..netsetup::HostNet::default()
+    }
+}
+
+/// The network namespace of a VM.
+pub fn netns_name(id: &str) -> String {
+    format!("orch-{id}")
+}
+
+/// The jailer's report (its `--json` line), kept as `<vm dir>/jail.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JailReport {
+    /// `<base>/vmm/<id>`.
+    pub jail_dir: PathBuf,
+    /// `<jail_dir>/root`.
+    pub jail_root: PathBuf,
+    /// The VMM's pid.
+    pub pid: i32,
+    /// Cgroups the jailer made (ours to remove with --daemonize).
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl JailReport {
+    /// Reads a VM's report, if it got that far.
+    pub fn load(vm_dir: &Path) -> Option<JailReport> {
+        let text = std::fs::read_to_string(vm_dir.join("jail.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// A new VM id: `vm-` and 8 hex digits from the kernel's RNG.
+pub fn new_vm_id() -> String {
+    let mut b = [0u8; 4];
+    // getrandom(2) with no flags blocks only before the RNG is seeded at boot.
+    // SAFETY: the buffer is valid for its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 4 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        b = t.to_le_bytes();
+    }
+    format!("vm-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// Creates, boots and hands the manifest to a VM; returns its record once `running`.
+/// Blocking: run it on the blocking pool.
+pub fn create(d: &Daemon, manifest_name: &str, id: Option<String>) -> Result<VmRecord, OpError> {
+    let started = Instant::now();
+    let id = id.unwrap_or_else(new_vm_id);
+    if !crate::store::valid_vm_id(&id) || id.len() > 32 {
+        return Err(OpError {
+            kind: ErrorKind::BadRequest,
+            message: format!("invalid VM id {id:?}"),
+            fields: vec![FieldError {
+                path: "id".into(),
+                reason: "1 to 32 of a-z, A-Z, 0-9, '-' and '_'".into(),
+            }],
+        });
+    }
+    let record = d.with_store(|s| s.get_manifest(manifest_name))?;
+    let manifest = record.manifest;
+    // Checked before anything is created: a manifest whose kernel went away creates nothing.
+    manifest.check_files().map_err(|e| OpError {
+        kind: ErrorKind::BadRequest,
+        message: format!("manifest {manifest_name}: {e}"),
+        fields: e.errors().to_vec(),
+    })?;
+    let (ip, mac) =
+        d.with_store(|s| s.create_vm_with_lease(&id, manifest_name, &d.config.subnet))?;
+    match boot(d, &id, &manifest, ip, mac) {
+        Ok(()) => {
+            d.with_store(|s| s.set_state(&id, VmState::Running))?;
+            d.record_latency(true, started.elapsed().as_secs_f64());
+            Ok(d.with_store(|s| s.get_vm(&id))?)
+        }
+        Err(e) => {
+            // Undo everything, then forget the VM (lease released with it).
+            teardown(d, &id);
+            let _ = d.with_store(|s| s.destroy_vm(&id));
+            Err(e)
+        }
+    }
+}
+
+/// The uid/gid a VM's VMM runs as: unique among live VMs, since leases are.
+fn vm_uid(d: &Daemon, ip: std::net::Ipv4Addr) -> u32 {
+    let index = u32::from(ip) - u32::from(d.config.subnet.network());
+    d.config.uid_base + index
+}
+
+fn boot(
+    d: &Daemon,
+    id: &str,
+    m: &Manifest,
+    ip: std::net::Ipv4Addr,
+    mac: crate::net_addr::Mac,
+) -> Result<(), OpError> {
+    let c = &d.config;
+    let uid = vm_uid(d, ip);
+    let vm_dir = c.vm_dir(id);
+    super::ensure_private_dir(&vm_dir).map_err(OpError::internal)?;
+
+    // The disk: shared read-only, or a private copy (reflinked where the filesystem can).
+    let disk = if m.rootfs.read_only {
+        m.rootfs.path.clone()
+    } else {
+        let copy = vm_dir.join("rootfs.img");
+        let st = Command::new("cp")
+            .arg("--reflink=auto")
+            .arg("--sparse=always")
+            .arg(&m.rootfs.path)
+            .arg(&copy)
+            .status()
+            .map_err(|e| OpError::internal(format!("VM {id}: run cp: {e}")))?;
+        if !st.success() {
+            return Err(OpError::internal(format!(
+                "VM {id}: copying {} to {} failed ({st})",
+                m.rootfs.path.display(),
+                copy.display()
+            )));
+        }
+        copy
+    };
+
+    let netns = netns_name(id);
+    let mut kernel_args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+    if m.network.enabled {
+        netsetup::create_vm_net(
+            &host_net(c),
+            &netsetup::VmNet {
+                vm_id: id.to_string(),
+                leased_ip: ip,
+                egress_allow: m.network.egress_allow.clone(),
+                mac,
+                tap_owner: uid,
+            },
+        )
+        .map_err(|e| OpError::internal(format!("VM {id}: network: {e}")))?;
+        kernel_args.push(' ');
+        kernel_args.push_str(&netsetup::guest_kernel_ip_param());
+    } else {
+        // Its own empty namespace all the same: no host interfaces visible.
+        netsetup::create_offline_netns(id)
+            .map_err(|e| OpError::internal(format!("VM {id}: network namespace: {e}")))?;
+    }
+    kernel_args.push_str(&format!(" gi.agent={}", m.agent_port));
+
+    let mut cmd = Command::new(&c.jailer);
+    cmd.args(["--id", id])
+        .arg("--exec-file")
+        .arg(&c.vmm)
+        .args(["--uid", &uid.to_string(), "--gid", &uid.to_string()])
+        .arg("--chroot-base-dir")
+        .arg(c.jail_base())
+        .arg("--netns")
+        .arg(Path::new("/run/netns").join(&netns))
+        .args(["--parent-cgroup", "orchestrator"])
+        .args(["--mount-proc", "--daemonize", "--json"])
+        .arg("--file")
+        .arg(format!("{}:/vmlinux", m.kernel.display()));
+    if let Some(initrd) = &m.initrd {
+        cmd.arg("--file")
+            .arg(format!("{}:/initrd", initrd.display()));
+    }
+    let rw = if m.rootfs.read_only { "" } else { ":rw" };
+    cmd.arg("--file")
+        .arg(format!("{}:/rootfs.img{rw}", disk.display()));
+    for lib in shared_libraries(&c.vmm) {
+        cmd.arg("--file")
+            .arg(format!("{}:{}", lib.display(), lib.display()));
+    }
+    let mem_max_mib = m
+        .limits
+        .memory_max_mib
+        .unwrap_or(u64::from(m.memory_mib) + 256);
+    cmd.arg("--cgroup")
+        .arg(format!("memory.max={}", mem_max_mib * 1024 * 1024));
+    if let Some(pct) = m.limits.cpu_quota_pct {
+        cmd.arg("--cgroup")
+            .arg(format!("cpu.max={} 100000", u64::from(pct) * 1000));
+    }
+    if let Some(p) = m.limits.pids_max {
+        cmd.arg("--cgroup").arg(format!("pids.max={p}"));
+    }
+    if let Some(n) = m.limits.open_files {
+        cmd.arg("--resource-limit").arg(format!("no-file={n}"));
+    }
+    cmd.arg("--");
+    cmd.args(["--kernel", "/vmlinux"]);
+    if m.initrd.is_some() {
+        cmd.args(["--initrd", "/initrd"]);
+    }
+    cmd.args(["--vcpus", &m.vcpus.to_string()])
+        .args(["--memory-mib", &m.memory_mib.to_string()])
+        .args(["--console", CONSOLE_IN_JAIL])
+        .arg("--drive")
+        .arg(format!(
+            "path=/rootfs.img,id=rootfs,root=true,readonly={}",
+            m.rootfs.read_only
+        ))
+        .arg("--vsock")
+        .arg(format!("cid={GUEST_CID},uds={VSOCK_IN_JAIL}"));
+    if m.network.enabled {
+        // The guest side is the same in every VM (its netns translates to the lease).
+        cmd.arg("--net").arg(format!(
+            "tap={},mac={}",
+            netsetup::TAP_NAME,
+            netsetup::GUEST_MAC
+        ));
+    }
+    cmd.args(["--cmdline", &kernel_args]);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| OpError::internal(format!("VM {id}: run {}: {e}", c.jailer.display())))?;
+    if !out.status.success() {
+        return Err(OpError::internal(format!(
+            "VM {id}: the jailer failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let report: JailReport = serde_json::from_str(line.lines().next().unwrap_or(""))
+        .map_err(|e| OpError::internal(format!("VM {id}: jailer report {line:?}: {e}")))?;
+    let tmp = vm_dir.join("jail.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&report).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&tmp, vm_dir.join("jail.json")))
+        .map_err(|e| OpError::internal(format!("VM {id}: write jail.json: {e}")))?;
+    let pid = u32::try_from(report.pid).map_err(OpError::internal)?;
+    let start_time = crate::store::process_start_time(pid)
+        .map_err(|e| OpError::internal(format!("VM {id}: its VMM (pid {pid}) is gone: {e}")))?;
+    d.with_store(|s| s.set_process(id, pid, start_time, &report.jail_dir, &netns))?;
+
+    // The agent answers once guest-init is up; then the workload gets its manifest.
+    let uds = report.jail_root.join(VSOCK_IN_JAIL.trim_start_matches('/'));
+    let mut client = wait_for_agent(&uds, m.agent_port, d.config.ready_timeout, pid, id)
+        .map_err(|e| with_console(e, &report.jail_root))?;
+    let delivery = agent::ManifestDelivery {
+        vm_id: id.to_string(),
+        hostname: id.to_string(),
+        workload: agent::WorkloadSpec {
+            argv: std::iter::once(m.entrypoint.clone())
+                .chain(m.args.iter().cloned())
+                .collect(),
+            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            cwd: Some(m.working_dir.clone()),
+        },
+        manifest: agent::RawManifest::from_value(&m.to_value())
+            .map_err(|e| OpError::internal(format!("VM {id}: manifest: {e}")))?,
+    };
+    client
+        .send_manifest(&delivery)
+        .map_err(|e| OpError::internal(format!("VM {id}: delivering the manifest: {e}")))?;
+    Ok(())
+}
+
+fn with_console(mut e: OpError, jail_root: &Path) -> OpError {
+    let tail = console_tail(jail_root, 2048);
+    if !tail.is_empty() {
+        e.message.push_str("; last console output:\n");
+        e.message.push_str(&tail);
+    }
+    e
+}
+
+/// Connects to the agent and checks its health, retrying until `timeout`; fails early if
+/// the VMM process is gone.
+fn wait_for_agent(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+    pid: u32,
+    id: &str,
+) -> Result<agent::AgentClient<std::os::unix::net::UnixStream>, OpError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no attempt");
+    loop {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(OpError::internal(format!(
+                "VM {id}: its VMM (pid {pid}) exited while booting"
+            )));
+        }
+        if uds.exists() {
+            match connect_agent(uds, port) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(OpError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "VM {id}: guest agent on vsock port {port} did not answer within {} s ({last})",
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One agent connection: handshake and a health check.
+pub fn connect_agent(
+    uds: &Path,
+    port: u32,
+) -> Result<agent::AgentClient<std::os::unix::net::UnixStream>, String> {
+    let s = agent::connect_hybrid(uds, port, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut c = agent::AgentClient::new(s);
+    c.hello().map_err(|e| e.to_string())?;
+    c.health().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+/// The last `max` bytes of a VM's console log.
+pub fn console_tail(jail_root: &Path, max: usize) -> String {
+    let path = jail_root.join(CONSOLE_IN_JAIL.trim_start_matches('/'));
+    let Ok(mut f) = std::fs::File::open(&path) else {
+        return String::new();
+    };
+    use std::io::{Seek, SeekFrom};
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(max as u64);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.take(max as u64).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).replace('\r', "")
+}
+
+/// Whether the process `pid` started at `start_time` still runs (not a reused pid).
+pub fn process_alive(pid: u32, start_time: u64) -> bool {
+    crate::store::process_start_time(pid).is_ok_and(|t| t == start_time)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+}
+
+/// Stops the VMM of `vm` (SIGTERM, then SIGKILL after 10 s) if it is still the process we
+/// started.
+fn kill_vmm(vm: &VmRecord) {
+    if let (Some(pid), Some(start)) = (vm.pid, vm.pid_start_time) {
+        kill_process(pid, start);
+    }
+}
+
+/// SIGTERM, then SIGKILL after 10 s, to the process `pid` started at `start`; returns once
+/// it is gone (or 5 s after the SIGKILL).
+fn kill_process(pid: u32, start: u64) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if !process_alive(pid, start) {
+        return;
+    }
+    // SAFETY: signalling a pid we verified by its start time.
+    unsafe { libc::kill(raw, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid, start) {
+        if Instant::now() >= deadline {
+            // SAFETY: as above.
+            unsafe { libc::kill(raw, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid, start) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is in VM `id`'s cgroup: how a VMM whose pid never reached the database
+/// (the daemon died right after starting it) is recognised without trusting the pid alone.
+pub fn in_vm_cgroup(pid: u32, id: &str) -> bool {
+    let needle = format!("/orchestrator/{id}");
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|t| t.lines().any(|l| l.ends_with(&needle)))
+}
+
+/// Removes everything a VM has on the host except its database row: VMM, cgroups, netns,
+/// jail directory, per-VM files. Idempotent; used by destroy, failed creates and the
+/// reconciler.
+pub fn teardown(d: &Daemon, id: &str) {
+    if let Ok(vm) = d.with_store(|s| s.get_vm(id)) {
+        kill_vmm(&vm);
+    }
+    let vm_dir = d.config.vm_dir(id);
+    let report = JailReport::load(&vm_dir);
+    if let Some(r) = &report {
+        // A VMM the database never heard of (the daemon died before recording it).
+        if let Ok(pid) = u32::try_from(r.pid) {
+            if let Ok(start) = crate::store::process_start_time(pid) {
+                if in_vm_cgroup(pid, id) {
+                    kill_process(pid, start);
+                }
+            }
+        }
+        for cg in &r.cgroups {
+            let _ = std::fs::remove_dir(cg);
+        }
+    }
+    let _ = netsetup::destroy_vm_net(id);
+    let jail = d.config.jail_base().join("vmm").join(id);
+    let _ = std::fs::remove_dir_all(&jail);
+    let _ = std::fs::remove_dir_all(&vm_dir);
+}
+
+/// Destroys a VM: everything on the host, then its row and lease (one transaction).
+pub fn destroy(d: &Daemon, id: &str) -> Result<(), OpError> {
+    let started = Instant::now();
+    let vm = d.with_store(|s| s.get_vm(id))?;
+    if vm.state != VmState::Destroying {
+        d.with_store(|s| s.set_state(id, VmState::Destroying))?;
+    }
+    teardown(d, id);
+    d.with_store(|s| s.destroy_vm(id))?;
+    d.record_latency(false, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Stops a VM's VMM, keeping its lease, disk and network for a later destroy.
+pub fn stop(d: &Daemon, id: &str) -> Result<VmRecord, OpError> {
+    let vm = d.with_store(|s| s.get_vm(id))?;
+    if vm.state != VmState::Running && vm.state != VmState::Crashed {
+        return Err(OpError::new(
+            ErrorKind::Conflict,
+            format!("VM {id} is {}, not running", vm.state),
+        ));
+    }
+    kill_vmm(&vm);
+    let tail = JailReport::load(&d.config.vm_dir(id))
+        .map(|r| console_tail(&r.jail_root, CONSOLE_TAIL))
+        .unwrap_or_default();
+    d.with_store(|s| {
+        s.set_last_console(id, &tail)?;
+        s.clear_process(id)?;
+        s.set_state(id, VmState::Stopped)
+    })?;
+    Ok(d.with_store(|s| s.get_vm(id))?)
+}
+
+/// A command for [`exec`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input (UTF-8 text).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill it after this many milliseconds (default 60000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecOutcome {
+    /// Standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8).
+    pub stderr: String,
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal, when one ended it.
+    pub signal: Option<i32>,
+    /// The timeout killed it.
+    pub timed_out: bool,
+}
+
+fn agent_socket(d: &Daemon, id: &str) -> Result<(PathBuf, u32), OpError> {
+    let vm = d.with_store(|s| s.get_vm(id))?;
+    if vm.state != VmState::Running {
+        return Err(OpError::new(
+            ErrorKind::Conflict,
+            format!("VM {id} is {}, not running", vm.state),
+        ));
+    }
+    let manifest = d.with_store(|s| s.get_manifest(&vm.manifest))?.manifest;
+    let report = JailReport::load(&d.config.vm_dir(id))
+        .ok_or_else(|| OpError::internal(format!("VM {id}: no jail report")))?;
+    Ok((
+        report.jail_root.join(VSOCK_IN_JAIL.trim_start_matches('/')),
+        manifest.agent_port,
+    ))
+}
+
+/// Runs a command in a VM through its agent.
+pub fn exec(d: &Daemon, id: &str, body: &ExecBody) -> Result<ExecOutcome, OpError> {
+    let (uds, port) = agent_socket(d, id)?;
+    let timeout = body.timeout_ms.unwrap_or(60_000);
+    let mut c =
+        connect_agent(&uds, port).map_err(|e| OpError::internal(format!("VM {id}: agent: {e}")))?;
+    // Room for the command's own timeout plus the agent's.
+    let _ = c
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(timeout.saturating_add(15_000))));
+    let req = agent::ExecRequest {
+        argv: body.argv.clone(),
+        env: body
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cwd: body.cwd.clone(),
+        stdin: body.stdin.as_ref().map(|s| s.as_bytes().to_vec()),
+        timeout_ms: Some(timeout),
+    };
+    let r = c.exec(&req).map_err(|e| match e {
+        agent::AgentError::InvalidRequest(m) => OpError::new(ErrorKind::BadRequest, m),
+        agent::AgentError::Remote { code, message } => {
+            OpError::new(ErrorKind::BadRequest, format!("VM {id}: {code}: {message}"))
+        }
+        other => OpError::internal(format!("VM {id}: exec: {other}")),
+    })?;
+    Ok(ExecOutcome {
+        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+        code: r.code,
+        signal: r.signal,
+        timed_out: r.timed_out,
+    })
+}
+
+/// Logs of a VM: the console tail, and the workload's output from the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Logs {
+    /// The last console output (up to 64 KiB).
+    pub console: String,
+    /// The workload's output from byte `workload_start` on (when the VM runs).
+    pub workload: Option<String>,
+    /// Absolute offset of the first workload byte returned.
+    pub workload_start: u64,
+    /// Offset to ask from next time.
+    pub workload_end: u64,
+}
+
+/// A VM's logs. A VM that is not running has only its kept console tail.
+pub fn logs(d: &Daemon, id: &str, offset: u64) -> Result<Logs, OpError> {
+    let vm = d.with_store(|s| s.get_vm(id))?;
+    let report = JailReport::load(&d.config.vm_dir(id));
+    let console = match (&report, vm.state) {
+        (Some(r), VmState::Running) => console_tail(&r.jail_root, CONSOLE_TAIL),
+        _ => vm.last_console.clone().unwrap_or_default(),
+    };
+    let mut out = Logs {
+        console,
+        workload: None,
+        workload_start: offset,
+        workload_end: offset,
+    };
+    if vm.state == VmState::Running {
+        let (uds, port) = agent_socket(d, id)?;
+        let mut c = connect_agent(&uds, port)
+            .map_err(|e| OpError::internal(format!("VM {id}: agent: {e}")))?;
+        let chunk = c
+            .logs(offset, 1 << 20)
+            .map_err(|e| OpError::internal(format!("VM {id}: logs: {e}")))?;
+        out.workload = Some(String::from_utf8_lossy(&chunk.data).into_owned());
+        out.workload_start = chunk.start;
+        out.workload_end = chunk.end;
+    }
+    Ok(out)
+}
+
+/// Watches a running VM's VMM through a pidfd: when it exits while the VM should be
+/// running, the VM becomes `crashed` with its last console lines, and its host resources
+/// (VMM leftovers, cgroups, netns) are reclaimed; the row and lease stay until destroy.
+pub fn watch(d: Arc<Daemon>, id: String) {
+    let Ok(vm) = d.with_store(|s| s.get_vm(&id)) else {
+        return;
+    };
+    let (Some(pid), Some(start)) = (vm.pid, vm.pid_start_time) else {
+        return;
+    };
+    tokio::spawn(async move {
+        wait_exit(pid, start).await;
+        let d2 = Arc::clone(&d);
+        let _ = tokio::task::spawn_blocking(move || on_exit(&d2, &id, pid)).await;
+    });
+}
+
+/// Resolves when process `pid` (started at `start`) has exited.
+async fn wait_exit(pid: u32, start: u64) {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if let Ok(fd) = i32::try_from(fd) {
+        if fd >= 0 {
+            // SAFETY: a fresh fd we own.
+            let owned =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            if process_alive(pid, start) {
+                // SAFETY: the AsyncFd owns the pidfd and nothing else closes or replaces it.
+                if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(owned) } {
+                    // A pidfd becomes readable when the process exits.
+                    let _ = afd.readable().await;
+                    return;
+                }
+            }
+        }
+    }
+    while process_alive(pid, start) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn on_exit(d: &Daemon, id: &str, pid: u32) {
+    let Ok(vm) = d.with_store(|s| s.get_vm(id)) else {
+        return;
+    };
+    // Only a VMM that dies on its own is a crash; stop and destroy clear `pid` first or
+    // move the state on.
+    if vm.state != VmState::Running || vm.pid != Some(pid) {
+        return;
+    }
+    let tail = JailReport::load(&d.config.vm_dir(id))
+        .map(|r| console_tail(&r.jail_root, CONSOLE_TAIL))
+        .unwrap_or_default();
+    let _ = d.with_store(|s| {
+        s.set_last_console(id, &tail)?;
+        s.clear_process(id)?;
+        s.set_state(id, VmState::Crashed)
+    });
+    eprintln!("orchestrator: VM {id}: its VMM (pid {pid}) exited unexpectedly; marked crashed");
+    // Its host pieces go; the row (with the console tail) and the lease stay until destroy.
+    teardown(d, id);
+}
+
+/// The loader and libraries a dynamic binary needs (from `ldd`), for its jail.
+pub fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
+    let Ok(out) = Command::new("ldd").arg(bin).output() else {
+        return Vec::new();
+    };
+    let mut libs: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(PathBuf::from)
+        .collect();
+    libs.dedup();
+    libs
+}
