@@ -360,6 +360,111 @@ fn the_jailed_vmm_serves_its_api_socket_under_the_jail_root() {
     assert_eq!(wait(&mut child.0), Some(128 + 15));
 }
 
+/// A running jailed VMM (default seccomp level) seen through /proc from the host, i.e. its
+/// own view: every thread (main, vCPU, API) runs as the jail's uid with NoNewPrivs and a
+/// seccomp filter, and its `/` holds the jail's entries and no host directory.
+#[test]
+fn a_running_jailed_vmm_is_unprivileged_filtered_and_sees_only_its_jail() {
+    let base = Base::new("vmm-spin");
+    let vmm = vmm_binary();
+    let vmm = vmm.to_str().unwrap();
+    let elf = base.0.join("spin.elf");
+    fs::write(&elf, spinning_guest_elf()).unwrap();
+    let kernel = format!("{}:/spin.elf", elf.display());
+    let libs = library_files(vmm);
+    let mut extra = vec!["--mount-proc", "--file", &kernel];
+    for l in &libs {
+        extra.extend(["--file", l.as_str()]);
+    }
+    let args = [
+        "--kernel",
+        "/spin.elf",
+        "--memory-mib",
+        "16",
+        "--console",
+        "none",
+        "--api-sock",
+        "/api.sock",
+    ];
+    let mut child = Running(
+        jailer(&base, vmm, "spin", &extra, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = drain(child.0.stderr.take().unwrap());
+    // Running: the API answers with the VM started.
+    let sock = base.root("vmm", "spin").join("api.sock");
+    let start = Instant::now();
+    loop {
+        if let Some(code) = child.0.try_wait().unwrap() {
+            panic!("vmm exited ({code}):\n{}", stderr.recv().unwrap());
+        }
+        let state = UnixStream::connect(&sock).ok().and_then(|mut s| {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut r = String::new();
+            s.read_to_string(&mut r).ok()?;
+            Some(r)
+        });
+        if state.is_some_and(|r| r.contains("Running")) {
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "the VM never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The VMM's own view, read through /proc from the host: every thread unprivileged,
+    // NoNewPrivs, under seccomp filters; its / holds only the jail's entries.
+    let pid = read_trim(&base.0.join("vmm/spin/vmm.pid"));
+    let mut threads = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        threads.push((
+            field("Name:"),
+            field("Uid:"),
+            field("NoNewPrivs:"),
+            field("Seccomp:"),
+        ));
+    }
+    assert!(threads.len() >= 2, "{threads:?}");
+    let uid = format!("{UID} {UID} {UID} {UID}");
+    for (name, u, nnp, seccomp) in &threads {
+        assert_eq!((u, nnp.as_str()), (&uid, "1"), "{name}: {threads:?}");
+        assert_eq!(
+            seccomp, "2",
+            "thread {name} is not under a seccomp filter: {threads:?}"
+        );
+    }
+    let root: BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for host_only in ["etc", "usr", "work", "root", "home", "boot"] {
+        assert!(
+            !root.contains(host_only),
+            "/{host_only} visible in the jail: {root:?}"
+        );
+    }
+    assert!(root.contains("vmm") && root.contains("dev"), "{root:?}");
+    assert!(
+        threads.iter().any(|t| t.0.contains("vcpu")),
+        "no vCPU thread: {threads:?}"
+    );
+    // SAFETY: kill with the pid of the jailer we spawned and have not reaped.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait(&mut child.0), Some(128 + 15));
+}
+
 /// The jailed VMM's arguments (paths inside the jail); its seccomp filters stay at the
 /// default level, so jail and filters are tested together.
 const VMM_ARGS: [&str; 4] = ["--api-sock", "/api.sock", "--console", "none"];

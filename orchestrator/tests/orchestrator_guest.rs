@@ -42,17 +42,54 @@ impl Daemon {
             bridge,
             subnet_prefix,
         };
-        d.spawn();
+        d.spawn(None);
         d
     }
 
-    fn spawn(&mut self) {
+    /// Stops the daemon (SIGTERM; VMs keep running) and starts it again, with
+    /// `ORCHESTRATOR_TEST_KILL_AT=kill_at` if given.
+    fn restart(&mut self, kill_at: Option<&str>) {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().unwrap().is_none() {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
+            let _ = c.wait();
+        }
+        self.spawn(kill_at);
+    }
+
+    /// Waits for the daemon to die by SIGKILL (the test hook).
+    fn wait_killed(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let c = self.child.as_mut().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}\n{}", self.log());
+                self.child = None;
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "not killed:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(&mut self, kill_at: Option<&str>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(ORCHESTRATOR)
+        let mut cmd = Command::new(ORCHESTRATOR);
+        if let Some(point) = kill_at {
+            cmd.env("ORCHESTRATOR_TEST_KILL_AT", point);
+        }
+        let child = cmd
             .arg("--socket")
             .arg(&self.sock)
             .arg("serve")
@@ -128,6 +165,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.child.is_none() {
+            self.spawn(None);
+        }
         if let Some(c) = self.child.as_mut() {
             // Destroy what is left, so no VMM or netns outlives the test.
             if let Ok(a) = self
@@ -182,8 +222,8 @@ fn lines(cmd: &str, args: &[&str]) -> String {
 
 #[test]
 #[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
-fn four_concurrent_vms_get_distinct_leases_run_their_workload_and_leave_no_trace() {
-    const N: usize = 4;
+fn eight_concurrent_vms_get_distinct_leases_run_their_workload_and_leave_no_trace() {
+    const N: usize = 8;
     let d = Daemon::start("four", 11);
     let rootfs = d.dir.join("rootfs.ext4");
     std::fs::copy(Artifacts::get().rootfs, &rootfs).unwrap();
@@ -357,4 +397,111 @@ fn bad_manifests_and_bodies_get_field_errors_and_create_nothing() {
     assert_eq!(info["leases"]["used"], 0);
     let netns = lines("ip", &["netns", "list"]);
     assert!(!netns.contains("orch-"), "{netns}");
+}
+
+/// The host agrees with the database: each VM left is running with a live VMM that answers
+/// an exec; netns, jail and per-VM directories, leases and VMM processes match the VM list
+/// exactly.
+fn assert_consistent(d: &Daemon, what: &str) -> Vec<String> {
+    let list = d.ok("GET", "/v1/vms", None);
+    let vms: Vec<&Value> = list.as_array().unwrap().iter().collect();
+    let mut ids: Vec<String> = Vec::new();
+    for v in &vms {
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(v["state"], "running", "{what}: {v}");
+        let r = d.ok(
+            "POST",
+            &format!("/v1/vms/{id}/exec"),
+            Some(json!({"argv": ["/bin/busybox", "echo", "alive"]})),
+        );
+        assert_eq!(r["stdout"], "alive\n", "{what}: {r}");
+        ids.push(id);
+    }
+    ids.sort();
+    let mut netns: Vec<String> = lines("ip", &["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|n| n.strip_prefix("orch-"))
+        .map(String::from)
+        .collect();
+    netns.sort();
+    assert_eq!(netns, ids, "{what}: netns");
+    for dir in ["state/jail/vmm", "state/vms"] {
+        let mut found: Vec<String> = std::fs::read_dir(d.dir.join(dir))
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        assert_eq!(found, ids, "{what}: {dir}");
+    }
+    let info = d.ok("GET", "/v1", None);
+    assert_eq!(info["leases"]["used"], ids.len() as u64, "{what}: {info}");
+    let vmms = lines("ps", &["-eo", "comm"])
+        .lines()
+        .filter(|l| l.trim() == "vmm")
+        .count();
+    assert_eq!(vmms, ids.len(), "{what}: VMM processes");
+    ids
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn daemon_killed_at_each_point_of_create_and_destroy_is_reconciled_on_restart() {
+    let mut d = Daemon::start("kill", 13);
+    let rootfs = d.dir.join("rootfs.ext4");
+    std::fs::copy(Artifacts::get().rootfs, &rootfs).unwrap();
+    d.add_manifest(&manifest("k", &rootfs));
+    let points = orchestrator::daemon::vm::KILL_POINTS;
+    assert!(points.len() >= 10);
+    // A VM that lives through every kill: re-adopted each time, same VMM process.
+    let keep = d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"manifest": "k", "id": "vm-keep"})),
+    );
+    let keep_pid = keep["pid"].clone();
+    for (i, point) in points.iter().enumerate() {
+        let id = format!("vm-k{i}");
+        d.restart(Some(point));
+        let body = json!({"manifest": "k", "id": id}).to_string();
+        let create = d.client.request(
+            "POST",
+            "/v1/vms",
+            Some(body.as_bytes()),
+            Duration::from_secs(600),
+        );
+        if point.starts_with("create:") {
+            assert!(create.is_err(), "{point}: the daemon answered: {create:?}");
+        } else {
+            assert_eq!(create.unwrap().status, 201, "{point}\n{}", d.log());
+            let destroy = d.client.request(
+                "DELETE",
+                &format!("/v1/vms/{id}"),
+                None,
+                Duration::from_secs(120),
+            );
+            assert!(
+                destroy.is_err(),
+                "{point}: the daemon answered: {destroy:?}"
+            );
+        }
+        d.wait_killed();
+        d.restart(None);
+        let left = assert_consistent(&d, point);
+        eprintln!("killed at {point}: after restart {left:?} (re-adopted), the rest cleaned");
+        assert!(left.iter().any(|id| id == "vm-keep"), "{point}: {left:?}");
+        let again = d.ok("GET", "/v1/vms/vm-keep", None);
+        assert_eq!(again["pid"], keep_pid, "{point}: vm-keep's VMM changed");
+        for id in left.iter().filter(|id| *id != "vm-keep") {
+            let (st, v) = d.call("DELETE", &format!("/v1/vms/{id}"), None);
+            assert_eq!(st, 204, "{v}");
+        }
+        assert_eq!(assert_consistent(&d, point), ["vm-keep"]);
+    }
+    let (st, v) = d.call("DELETE", "/v1/vms/vm-keep", None);
+    assert_eq!(st, 204, "{v}");
+    assert!(assert_consistent(&d, "the end").is_empty());
 }

@@ -127,7 +127,7 @@ fn ping_and_256_mib_tcp_both_ways() {
 
     // Host -> guest: the host serves the pattern on port 5000 and closes.
     let to_guest = TcpListener::bind("172.16.0.1:5000").unwrap();
-    let limit = std::time::Duration::from_secs(300);
+    let limit = std::time::Duration::from_secs(600);
     let vm_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = vm_done.clone();
     let sender = thread::spawn(move || {
@@ -160,7 +160,7 @@ fn ping_and_256_mib_tcp_both_ways() {
                nc 172.16.0.1 5001 < /tmp/data'";
     let out = Guest::new()
         .machine(2, 768)
-        .timeout(std::time::Duration::from_secs(300))
+        .timeout(std::time::Duration::from_secs(600))
         .args(&["--net", &format!("tap={},mac=06:00:ac:10:00:02", tap.name)])
         .kernel_args(&ip_param("172.16.0.2", "172.16.0.1", "eth0"))
         .kernel_args("loglevel=7")

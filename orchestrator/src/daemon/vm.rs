@@ -25,6 +25,8 @@ pub const VSOCK_IN_JAIL: &str = "/v.sock";
 pub const CONSOLE_IN_JAIL: &str = "/console.log";
 /// Guest context id of every VM (each has its own vsock device and socket).
 pub const GUEST_CID: u32 = 3;
+/// The jailer's `--parent-cgroup`: each VM's cgroups are `<daemon's cgroup>/orchestrator/<id>`.
+pub const CGROUP_PARENT: &str = "orchestrator";
 /// Largest console tail returned by `logs` or kept for a crashed VM.
 pub const CONSOLE_TAIL: usize = 64 * 1024;
 
@@ -132,6 +134,36 @@ impl JailReport {
     }
 }
 
+/// Points of create and destroy where a test can kill the daemon (`kill -9`) to check that
+/// a restart reconciles whatever was half done.
+pub const KILL_POINTS: [&str; 12] = [
+    "create:leased",
+    "create:disk",
+    "create:network",
+    "create:jailer",
+    "create:jail-report",
+    "create:process",
+    "create:agent",
+    "create:manifest",
+    "destroy:destroying",
+    "destroy:vmm-stopped",
+    "destroy:network-removed",
+    "destroy:files-removed",
+];
+
+/// Test hook (debug builds only): with `ORCHESTRATOR_TEST_KILL_AT=<point>` in its
+/// environment the daemon SIGKILLs itself on reaching that point of [`KILL_POINTS`].
+fn kill_point(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("ORCHESTRATOR_TEST_KILL_AT").is_ok_and(|v| v == name) {
+        eprintln!("orchestrator: test hook: killing the daemon at {name}");
+        // SAFETY: signalling ourselves.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
+
 /// A new VM id: `vm-` and 8 hex digits from the kernel's RNG.
 pub fn new_vm_id() -> String {
     let mut b = [0u8; 4];
@@ -172,6 +204,7 @@ pub fn create(d: &Daemon, manifest_name: &str, id: Option<String>) -> Result<VmR
     })?;
     let (ip, mac) =
         d.with_store(|s| s.create_vm_with_lease(&id, manifest_name, &d.config.subnet))?;
+    kill_point("create:leased");
     match boot(d, &id, &manifest, ip, mac) {
         Ok(()) => {
             d.with_store(|s| s.set_state(&id, VmState::Running))?;
@@ -227,6 +260,7 @@ fn boot(
         copy
     };
 
+    kill_point("create:disk");
     let netns = netns_name(id);
     let mut kernel_args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
     if m.network.enabled {
@@ -249,6 +283,7 @@ fn boot(
             .map_err(|e| OpError::internal(format!("VM {id}: network namespace: {e}")))?;
     }
     kernel_args.push_str(&format!(" gi.agent={}", m.agent_port));
+    kill_point("create:network");
 
     let mut cmd = Command::new(&c.jailer);
     cmd.args(["--id", id])
@@ -259,7 +294,7 @@ fn boot(
         .arg(c.jail_base())
         .arg("--netns")
         .arg(Path::new("/run/netns").join(&netns))
-        .args(["--parent-cgroup", "orchestrator"])
+        .args(["--parent-cgroup", CGROUP_PARENT])
         .args(["--mount-proc", "--daemonize", "--json"])
         .arg("--file")
         .arg(format!("{}:/vmlinux", m.kernel.display()));
@@ -328,19 +363,23 @@ fn boot(
     let line = String::from_utf8_lossy(&out.stdout);
     let report: JailReport = serde_json::from_str(line.lines().next().unwrap_or(""))
         .map_err(|e| OpError::internal(format!("VM {id}: jailer report {line:?}: {e}")))?;
+    kill_point("create:jailer");
     let tmp = vm_dir.join("jail.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&report).unwrap_or_default())
         .and_then(|()| std::fs::rename(&tmp, vm_dir.join("jail.json")))
         .map_err(|e| OpError::internal(format!("VM {id}: write jail.json: {e}")))?;
+    kill_point("create:jail-report");
     let pid = u32::try_from(report.pid).map_err(OpError::internal)?;
     let start_time = crate::store::process_start_time(pid)
         .map_err(|e| OpError::internal(format!("VM {id}: its VMM (pid {pid}) is gone: {e}")))?;
     d.with_store(|s| s.set_process(id, pid, start_time, &report.jail_dir, &netns))?;
+    kill_point("create:process");
 
     // The agent answers once guest-init is up; then the workload gets its manifest.
     let uds = report.jail_root.join(VSOCK_IN_JAIL.trim_start_matches('/'));
     let mut client = wait_for_agent(&uds, m.agent_port, d.config.ready_timeout, pid, id)
         .map_err(|e| with_console(e, &report.jail_root))?;
+    kill_point("create:agent");
     let delivery = agent::ManifestDelivery {
         vm_id: id.to_string(),
         hostname: id.to_string(),
@@ -357,6 +396,7 @@ fn boot(
     client
         .send_manifest(&delivery)
         .map_err(|e| OpError::internal(format!("VM {id}: delivering the manifest: {e}")))?;
+    kill_point("create:manifest");
     Ok(())
 }
 
@@ -476,40 +516,82 @@ fn kill_process(pid: u32, start: u64) {
     }
 }
 
-/// Whether `pid` is in VM `id`'s cgroup: how a VMM whose pid never reached the database
-/// (the daemon died right after starting it) is recognised without trusting the pid alone.
-pub fn in_vm_cgroup(pid: u32, id: &str) -> bool {
-    let needle = format!("/orchestrator/{id}");
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .is_ok_and(|t| t.lines().any(|l| l.ends_with(&needle)))
-}
-
 /// Removes everything a VM has on the host except its database row: VMM, cgroups, netns,
 /// jail directory, per-VM files. Idempotent; used by destroy, failed creates and the
 /// reconciler.
 pub fn teardown(d: &Daemon, id: &str) {
     if let Ok(vm) = d.with_store(|s| s.get_vm(id)) {
         kill_vmm(&vm);
+        if vm.state == VmState::Destroying {
+            kill_point("destroy:vmm-stopped");
+        }
     }
     let vm_dir = d.config.vm_dir(id);
-    let report = JailReport::load(&vm_dir);
-    if let Some(r) = &report {
-        // A VMM the database never heard of (the daemon died before recording it).
-        if let Ok(pid) = u32::try_from(r.pid) {
-            if let Ok(start) = crate::store::process_start_time(pid) {
-                if in_vm_cgroup(pid, id) {
-                    kill_process(pid, start);
-                }
-            }
-        }
-        for cg in &r.cgroups {
-            let _ = std::fs::remove_dir(cg);
-        }
+    let mut cgroups = planned_cgroups(id);
+    if let Some(r) = JailReport::load(&vm_dir) {
+        cgroups.extend(r.cgroups);
+    }
+    // Whatever still runs in the VM's cgroups is its VMM, even one the database never
+    // heard of (the daemon died between starting it and recording it).
+    for cg in &cgroups {
+        empty_cgroup(cg);
+    }
+    for cg in &cgroups {
+        let _ = std::fs::remove_dir(cg);
     }
     let _ = netsetup::destroy_vm_net(id);
+    let destroying = d
+        .with_store(|s| s.get_vm(id))
+        .is_ok_and(|v| v.state == VmState::Destroying);
+    if destroying {
+        kill_point("destroy:network-removed");
+    }
     let jail = d.config.jail_base().join("vmm").join(id);
     let _ = std::fs::remove_dir_all(&jail);
     let _ = std::fs::remove_dir_all(&vm_dir);
+    if destroying {
+        kill_point("destroy:files-removed");
+    }
+}
+
+/// The cgroup settings every VMM is started with (the optional ones too: a plan over all
+/// of them names every hierarchy a VM's cgroups can be in).
+const CGROUP_KEYS: [&str; 3] = ["memory.max=max", "cpu.max=max", "pids.max=max"];
+
+/// Where the jailer puts VM `id`'s cgroups (`--parent-cgroup orchestrator`), worked out the
+/// way the jailer does it: the daemon and the jailers it starts share their cgroup.
+fn planned_cgroups(id: &str) -> Vec<PathBuf> {
+    use crate::jailer::cgroup::{CgroupPlan, CgroupSetting, CgroupVersionArg};
+    for n in (1..=CGROUP_KEYS.len()).rev() {
+        let settings: Vec<CgroupSetting> = CGROUP_KEYS[..n]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if let Ok(plan) = CgroupPlan::new(&settings, CgroupVersionArg::Auto, CGROUP_PARENT, id) {
+            return plan.leaves();
+        }
+    }
+    Vec::new()
+}
+
+/// SIGKILLs every process in a cgroup directory and waits (at most 5 s) until it is empty.
+fn empty_cgroup(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: a process in the VM's own cgroup, which only its VMM joins.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Destroys a VM: everything on the host, then its row and lease (one transaction).
@@ -519,6 +601,7 @@ pub fn destroy(d: &Daemon, id: &str) -> Result<(), OpError> {
     if vm.state != VmState::Destroying {
         d.with_store(|s| s.set_state(id, VmState::Destroying))?;
     }
+    kill_point("destroy:destroying");
     teardown(d, id);
     d.with_store(|s| s.destroy_vm(id))?;
     d.record_latency(false, started.elapsed().as_secs_f64());

@@ -445,6 +445,12 @@ impl CgroupPlan {
         })
     }
 
+    /// The per-VM leaf directories this plan creates (whether or not they exist yet): how a
+    /// supervisor finds a jail's cgroups after losing the jailer's report.
+    pub fn leaves(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, leaf, _)| leaf.clone()).collect()
+    }
+
     /// Creates the per-VM cgroups and writes the limits. On error, removes what it created.
     pub fn create(&self) -> Result<Cgroups, CgroupError> {
         let mut made = Cgroups { leaves: Vec::new() };

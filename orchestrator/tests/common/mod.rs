@@ -229,7 +229,7 @@ pub fn library_files(bin: &str) -> Vec<String> {
 /// writes 42 to the status port (0x441: the guest's exit status), then resets the machine
 /// through the i8042 (port 0x64, 0xfe).
 pub fn tiny_guest_elf() -> Vec<u8> {
-    let code: &[u8] = &[
+    elf_with_code(&[
         0x66, 0xba, 0x41, 0x04, // mov dx, 0x441
         0xb0, 0x2a, // mov al, 42
         0xee, // out dx, al
@@ -237,7 +237,16 @@ pub fn tiny_guest_elf() -> Vec<u8> {
         0xe6, 0x64, // out 0x64, al
         0xf4, // hlt
         0xeb, 0xfd, // jmp hlt
-    ];
+    ])
+}
+
+/// A hand-made guest that spins forever (`jmp $`): a VM that keeps running.
+pub fn spinning_guest_elf() -> Vec<u8> {
+    elf_with_code(&[0xeb, 0xfe])
+}
+
+/// An x86_64 ELF executable loading `code` at 0x100000 and entering it there.
+fn elf_with_code(code: &[u8]) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     let code_off = 64 + 56;
     let mut e = b"\x7fELF\x02\x01\x01\x00".to_vec();
