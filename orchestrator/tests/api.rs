@@ -234,3 +234,125 @@ fn every_documented_path_is_routed_and_metrics_are_prometheus_text() {
         assert!(text.contains(needle), "{needle}: {text}");
     }
 }
+
+#[test]
+fn events_stream_as_server_sent_events() {
+    let api = start("sse");
+    let sock = api.dir.join("o.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let c = Client::new(&sock).unwrap();
+        let mut seen = String::new();
+        let _ = c.request_streaming(
+            "GET",
+            "/v1/events?follow=true",
+            None,
+            Duration::from_secs(30),
+            |chunk| {
+                seen.push_str(&String::from_utf8_lossy(chunk));
+                let _ = tx.send(seen.clone());
+                !seen.contains("event: manifest_added")
+            },
+        );
+    });
+    // The stream is live before the event happens.
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(first.starts_with(": connected"), "{first}");
+    let m = manifest(&api, "live");
+    let (st, _, body) = api.call("POST", "/v1/manifests", Some(&m.to_string()));
+    assert_eq!(st, 201, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut text = first;
+    while !text.contains("event: manifest_added") {
+        text = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no event in the stream: {text}"));
+    }
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let e: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(e["kind"], "manifest_added");
+    assert_eq!(e["detail"]["name"], "live", "{e}");
+    assert!(text.contains("id: 1\n"), "{text}");
+}
+
+/// The CLI against the API: tables by default, the API's JSON with --json, errors with the
+/// field and a non-zero status.
+#[test]
+fn the_cli_prints_tables_json_and_field_errors() {
+    let api = start("cli");
+    let sock = api.dir.join("o.sock");
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let m = manifest(&api, "clitest").to_string();
+    let (code, out, err) = cli(&["manifests", "add", "-"], Some(&m));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("added manifest clitest ("), "{out}");
+    let (code, out, _) = cli(&["manifests", "list"], None);
+    assert_eq!(code, Some(0));
+    let mut rows = out.lines();
+    assert!(rows.next().unwrap().starts_with("NAME"), "{out}");
+    assert!(rows.next().unwrap().starts_with("clitest "), "{out}");
+    let (code, out, _) = cli(&["--json", "manifests", "list"], None);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "clitest");
+    assert_eq!(v[0]["manifest"]["entrypoint"], "/bin/sh");
+    let (code, out, _) = cli(&["--json", "vms", "list"], None);
+    assert_eq!(
+        (code, serde_json::from_str::<Value>(&out).unwrap()),
+        (Some(0), json!([]))
+    );
+    let (code, out, _) = cli(&["vms", "list"], None);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.trim(), "ID  STATE  MANIFEST  IP  MAC  PID");
+    let mut bad: Value = serde_json::from_str(&m).unwrap();
+    bad["vcpus"] = json!(99);
+    bad["name"] = json!("bad");
+    let (code, _, err) = cli(&["manifests", "add", "-"], Some(&bad.to_string()));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("vcpus") && err.contains("(400)"), "{err}");
+    let (code, _, err) = cli(&["vms", "show", "vm-none"], None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("vm-none") && err.contains("(404)"), "{err}");
+    let (code, _, err) = cli(&["vms", "exec", "vm-none", "--", "true"], None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("(404)"), "{err}");
+    let missing = api.dir.join("missing.sock");
+    let (code, _, err) = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("--socket")
+        .arg(&missing)
+        .args(["vms", "list"])
+        .output()
+        .map(|o| {
+            (
+                o.status.code(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("missing.sock") && err.contains("orchestrator serve"),
+        "{err}"
+    );
+}

@@ -505,3 +505,61 @@ fn daemon_killed_at_each_point_of_create_and_destroy_is_reconciled_on_restart() 
     assert_eq!(st, 204, "{v}");
     assert!(assert_consistent(&d, "the end").is_empty());
 }
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn a_vmm_that_dies_is_marked_crashed_with_its_console_and_its_pieces_reclaimed() {
+    let d = Daemon::start("crash", 14);
+    let rootfs = d.dir.join("rootfs.ext4");
+    std::fs::copy(Artifacts::get().rootfs, &rootfs).unwrap();
+    d.add_manifest(&manifest("c", &rootfs));
+    let v = d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"manifest": "c", "id": "vm-crash"})),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    // SAFETY: killing the VMM the daemon started, as a crash would.
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
+    let start = Instant::now();
+    let v = loop {
+        let v = d.ok("GET", "/v1/vms/vm-crash", None);
+        if v["state"] == "crashed" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not noticed: {v}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["pid"], Value::Null, "{v}");
+    let console = v["last_console"].as_str().unwrap_or("");
+    assert!(console.contains("guest-init"), "no console kept: {v}");
+    let events = d.ok("GET", "/v1/events", None);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["vm_id"] == "vm-crash" && e["detail"]["to"] == "crashed"),
+        "{events}"
+    );
+    // Its host pieces are gone; the row and the lease stay until destroy.
+    let netns = lines("ip", &["netns", "list"]);
+    assert!(!netns.contains("orch-vm-crash"), "{netns}");
+    assert!(!d.dir.join("state/jail/vmm/vm-crash").exists());
+    let info = d.ok("GET", "/v1", None);
+    assert_eq!(info["leases"]["used"], 1, "{info}");
+    let (st, body) = d.call(
+        "POST",
+        "/v1/vms/vm-crash/exec",
+        Some(json!({"argv": ["true"]})),
+    );
+    assert_eq!(st, 409, "exec on a crashed VM: {body}");
+    let (st, _) = d.call("DELETE", "/v1/vms/vm-crash", None);
+    assert_eq!(st, 204);
+    let info = d.ok("GET", "/v1", None);
+    assert_eq!(info["leases"]["used"], 0, "{info}");
+}
