@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Runs the side-by-side benchmark harness (benches/README.md): builds the release `vmm` and
-# `bench` binaries, then runs `target/release/bench ARGS`. Where this machine's /dev/kvm
-# cannot boot Linux, `bench` itself re-runs inside the KVM test host (tests/testhost/run).
+# Runs the side-by-side benchmark harness (benches/README.md): builds the release `vmm`,
+# `orchestrator`, `jailer` and `bench` binaries, then runs `target/release/bench ARGS`.
+# Where this machine's /dev/kvm cannot boot Linux, `bench` itself re-runs inside the KVM
+# test host (tests/testhost/run).
 #
 # Usage: scripts/bench.sh [--runs N] [--quick] [--only NAME,...] [--vm-timeout SECS]
-# Needs the guest kernel and initramfs under target/guest/ (scripts/setup.sh builds them).
+# Needs the guest kernel, initramfs and rootfs under target/guest/ (scripts/setup.sh
+# builds them; the rootfs only for the orchestrator metrics).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 for f in target/guest/vmlinux target/guest/initramfs.cpio; do
     [[ -e $f ]] || { echo "bench: $f is missing; run scripts/setup.sh" >&2; exit 1; }
 done
-cargo build --release --quiet -p vmm -p benches
+cargo build --release --quiet -p vmm -p orchestrator -p benches
 exec "$repo/target/release/bench" "$@"

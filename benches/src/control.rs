@@ -1,33 +1,26 @@
 //! Clients for the two VMMs' control sockets: our REST API (HTTP/1.1 over a unix socket,
-//! through hyper's client) and qemu's QMP (JSON lines over a unix socket, through serde).
+//! through the orchestrator's hyper-based client) and qemu's QMP (JSON lines over a unix
+//! socket, through serde).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::Value;
 
-/// Our API over its unix socket. One request per connection, as curl would do it.
+/// Our API over its unix socket. One request per connection, as curl would do it, through
+/// the orchestrator's HTTP client (the same requests, another server).
 pub struct Api {
-    sock: PathBuf,
-    rt: tokio::runtime::Runtime,
+    client: orchestrator::client::Client,
 }
 
 impl Api {
     /// A client for the API socket at `sock` (nothing is connected yet).
     pub fn new(sock: &Path) -> Result<Api> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .context("starting the API client's runtime")?;
         Ok(Api {
-            sock: sock.to_path_buf(),
-            rt,
+            client: orchestrator::client::Client::new(sock).context("starting the API client")?,
         })
     }
 
@@ -39,39 +32,10 @@ impl Api {
         body: Option<&str>,
         timeout: Duration,
     ) -> Result<(u16, String)> {
-        let what = format!("{method} {path} on {}", self.sock.display());
-        let fut = async {
-            let stream = tokio::net::UnixStream::connect(&self.sock)
-                .await
-                .context("connecting")?;
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .context("HTTP handshake")?;
-            let conn = tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("Host", "localhost")
-                .header("Content-Type", "application/json")
-                .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
-                .context("building the request")?;
-            let resp = sender.send_request(req).await.context("sending")?;
-            let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .context("reading the answer")?
-                .to_bytes();
-            drop(sender);
-            let _ = conn.await;
-            Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        self.rt
-            .block_on(async { tokio::time::timeout(timeout, fut).await })
-            .with_context(|| format!("{what}: no answer within {} s", timeout.as_secs()))?
-            .with_context(|| what.clone())
+        let a = self
+            .client
+            .request(method, path, body.map(str::as_bytes), timeout)?;
+        Ok((a.status, a.body))
     }
 
     /// Sends one request that must answer `want`; returns the body.
@@ -96,7 +60,7 @@ impl Api {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("{} never answered GET /", self.sock.display());
+                bail!("{} never answered GET /", self.client.socket().display());
             }
             std::thread::sleep(Duration::from_millis(2));
         }

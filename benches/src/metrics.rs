@@ -103,7 +103,9 @@ pub const QEMU_MIGRATE: &str =
 /// restore_exec's peer: none in the test host.
 pub const NO_AGENT_PEER: &str =
     "none: qemu microvm has no guest agent path in the test host (its vsock needs vhost-vsock); compare restore_running_ms_128m";
-const ORCH: &str = "n/a: the orchestrator is not implemented yet";
+/// The orchestrator metrics' peer: none.
+pub const NO_ORCH_PEER: &str =
+    "none: no Firecracker-based orchestrator (or other) runs in the test host to compare with; ours only";
 const TEMPLATE: &str =
     "n/a: orchestrator templates (restore from a snapshot) are not implemented yet";
 const HIBERNATE: &str = "n/a: hibernation (snapshot, stop, wake on demand) is not implemented yet";
@@ -264,13 +266,10 @@ pub const CATALOG: &[MetricDef] = &[
         peer_name: NO_AGENT_PEER,
         ..def("restore_exec_ms_128m", "ms", Lower, None, Measured)
     },
-    def(
-        "orch_create_exec_ms_cold_p50",
-        "ms",
-        Lower,
-        None,
-        NotYet(ORCH),
-    ),
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def("orch_create_exec_ms_cold_p50", "ms", Lower, None, Measured)
+    },
     def(
         "orch_create_exec_ms_template_p50",
         "ms",
@@ -285,13 +284,10 @@ pub const CATALOG: &[MetricDef] = &[
         None,
         NotYet(TEMPLATE),
     ),
-    def(
-        "orch_creates_per_s",
-        "creates/s",
-        Higher,
-        None,
-        NotYet(ORCH),
-    ),
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def("orch_creates_per_s", "creates/s", Higher, None, Measured)
+    },
     def(
         "hibernate_s_per_gib",
         "s/GiB",
@@ -332,6 +328,12 @@ mod tests {
             }
         }
         assert!(find("boot_ready_ms_1vcpu").is_some());
+        for name in ["orch_create_exec_ms_cold_p50", "orch_creates_per_s"] {
+            let m = find(name).unwrap();
+            assert_eq!(m.status, Status::Measured, "{name}");
+            assert!(m.peer_name.starts_with("none: "), "{name}");
+        }
+        assert_eq!(find("orch_creates_per_s").unwrap().better, Better::Higher);
         assert!(find("nope").is_none());
     }
 

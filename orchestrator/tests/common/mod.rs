@@ -219,9 +219,9 @@ pub fn vmm_binary() -> PathBuf {
 
 /// `--file` values putting a dynamic binary's loader and libraries at their host paths.
 pub fn library_files(bin: &str) -> Vec<String> {
-    shared_libraries(bin)
+    orchestrator::daemon::vm::shared_libraries(Path::new(bin))
         .into_iter()
-        .map(|l| format!("{l}:{l}"))
+        .map(|l| format!("{}:{}", l.display(), l.display()))
         .collect()
 }
 
@@ -272,19 +272,6 @@ fn elf_with_code(code: &[u8]) -> Vec<u8> {
     assert_eq!(e.len(), code_off);
     e.extend(code);
     e
-}
-
-/// The loader and libraries a dynamic binary needs, from ldd.
-pub fn shared_libraries(bin: &str) -> Vec<String> {
-    let out = Command::new("ldd").arg(bin).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut libs: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-        .map(String::from)
-        .collect();
-    libs.dedup();
-    libs
 }
 
 pub fn assert_refused(d: &Done, code: i32, needles: &[&str]) {
