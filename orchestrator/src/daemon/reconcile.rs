@@ -68,12 +68,12 @@ pub fn reconcile(d: &Daemon) -> anyhow::Result<Report> {
                     let tail = JailReport::load(&d.config.vm_dir(&v.id))
                         .map(|j| vm::console_tail(&j.jail_root, vm::CONSOLE_TAIL))
                         .unwrap_or_default();
+                    vm::teardown(d, &v.id);
                     d.with_store(|s| {
                         s.set_last_console(&v.id, &tail)?;
                         s.clear_process(&v.id)?;
                         s.set_state(&v.id, VmState::Crashed)
                     })?;
-                    vm::teardown(d, &v.id);
                     r.crashed.push(v.id.clone());
                 }
             }

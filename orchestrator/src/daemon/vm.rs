@@ -815,14 +815,15 @@ fn on_exit(d: &Daemon, id: &str, pid: u32) {
     let tail = JailReport::load(&d.config.vm_dir(id))
         .map(|r| console_tail(&r.jail_root, CONSOLE_TAIL))
         .unwrap_or_default();
+    // Its host pieces go first, so `crashed` means reclaimed; the row (with the console
+    // tail) and the lease stay until destroy.
+    teardown(d, id);
     let _ = d.with_store(|s| {
         s.set_last_console(id, &tail)?;
         s.clear_process(id)?;
         s.set_state(id, VmState::Crashed)
     });
     eprintln!("orchestrator: VM {id}: its VMM (pid {pid}) exited unexpectedly; marked crashed");
-    // Its host pieces go; the row (with the console tail) and the lease stay until destroy.
-    teardown(d, id);
 }
 
 /// The loader and libraries a dynamic binary needs (from `ldd`), for its jail.
