@@ -134,7 +134,7 @@ pub enum VmCmd {
         /// The manifest's name.
         #[arg(long, short)]
         manifest: String,
-        /// The VM id [default: vm-<8 hex digits>].
+        /// The VM id: 1 to 32 of a-z, 0-9, `-` [default: vm-<8 hex digits>].
         #[arg(long)]
         id: Option<String>,
     },

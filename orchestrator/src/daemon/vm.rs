@@ -184,13 +184,15 @@ pub fn new_vm_id() -> String {
 pub fn create(d: &Daemon, manifest_name: &str, id: Option<String>) -> Result<VmRecord, OpError> {
     let started = Instant::now();
     let id = id.unwrap_or_else(new_vm_id);
-    if !crate::store::valid_vm_id(&id) || id.len() > 32 {
+    // The id names the netns, the veth, the jail and the cgroups: the tightest of their
+    // rules (netsetup's) applies, checked before anything is created.
+    if let Err(e) = netsetup::validate_vm_id(&id) {
         return Err(OpError {
             kind: ErrorKind::BadRequest,
-            message: format!("invalid VM id {id:?}"),
+            message: format!("invalid VM id {id:?}: {e}"),
             fields: vec![FieldError {
                 path: "id".into(),
-                reason: "1 to 32 of a-z, A-Z, 0-9, '-' and '_'".into(),
+                reason: e.to_string(),
             }],
         });
     }
