@@ -562,4 +562,25 @@ fn a_vmm_that_dies_is_marked_crashed_with_its_console_and_its_pieces_reclaimed()
     assert_eq!(st, 204);
     let info = d.ok("GET", "/v1", None);
     assert_eq!(info["leases"]["used"], 0, "{info}");
+
+    // A stop is no crash: `stopped`, with the network and lease kept until destroy.
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"manifest": "c", "id": "vm-stop"})),
+    );
+    let v = d.ok("POST", "/v1/vms/vm-stop/stop", None);
+    assert_eq!(v["state"], "stopped", "{v}");
+    std::thread::sleep(Duration::from_secs(2));
+    let v = d.ok("GET", "/v1/vms/vm-stop", None);
+    assert_eq!(
+        v["state"], "stopped",
+        "the exit watcher took it for a crash: {v}"
+    );
+    assert!(lines("ip", &["netns", "list"]).contains("orch-vm-stop"));
+    let info = d.ok("GET", "/v1", None);
+    assert_eq!(info["leases"]["used"], 1, "{info}");
+    let (st, _) = d.call("DELETE", "/v1/vms/vm-stop", None);
+    assert_eq!(st, 204);
+    assert!(!lines("ip", &["netns", "list"]).contains("orch-vm-stop"));
 }

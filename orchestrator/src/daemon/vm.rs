@@ -619,13 +619,14 @@ pub fn stop(d: &Daemon, id: &str) -> Result<VmRecord, OpError> {
             format!("VM {id} is {}, not running", vm.state),
         ));
     }
+    // Forget the process first: the exit watcher then knows this exit is no crash.
+    d.with_store(|s| s.clear_process(id))?;
     kill_vmm(&vm);
     let tail = JailReport::load(&d.config.vm_dir(id))
         .map(|r| console_tail(&r.jail_root, CONSOLE_TAIL))
         .unwrap_or_default();
     d.with_store(|s| {
         s.set_last_console(id, &tail)?;
-        s.clear_process(id)?;
         s.set_state(id, VmState::Stopped)
     })?;
     Ok(d.with_store(|s| s.get_vm(id))?)
