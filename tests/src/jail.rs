@@ -7,8 +7,9 @@
 //! The tests name files by their host paths and expect the VMM's sockets and snapshot files
 //! at host paths, so the jail shows those paths unchanged:
 //! - the temp directory (`/tmp`, where every test keeps its scratch files) is bind-mounted
-//!   read-write at the same path, and each test directory a `vmm` argument points into is
-//!   handed to the jail's uid (recursively) before the start;
+//!   read-write at the same path, with the mounts below it (a repository cloned under /tmp),
+//!   and each test directory a `vmm` argument points into is handed to the jail's uid
+//!   (recursively) before the start, the repository excepted;
 //! - the guest artifacts (`target/guest`) are bind-mounted read-only at the same path;
 //! - any other existing file named by an argument is linked in read-only at its path;
 //! - the test process's umask becomes 0, so sockets and files the test makes later (vsock
@@ -113,19 +114,27 @@ pub fn maybe_jailed(cmd: Command) -> (Command, Option<JailInfo>) {
     let guest = crate::repo_root().join("target/guest");
     // Read-only directories shown at their own paths: the guest artifacts, and where the
     // symlinks among them point (the kernel cache).
+    // (When the repository itself is under the temp directory, as a CI clone in /tmp is,
+    // the temp directory's recursive bind shows the artifacts already.)
+    let repo = crate::repo_root();
     let mut ro_dirs = Vec::new();
     if guest.is_dir() {
         ro_dirs.push(guest.clone());
         ro_dirs.extend(symlink_target_dirs(&guest));
     }
+    ro_dirs.retain(|d| !d.starts_with(&tmp));
     let mut files = Vec::new();
     let mut owned = Vec::new();
     for p in args.iter().flat_map(|a| paths_in(a)) {
+        if p.starts_with(&repo) || ro_dirs.iter().any(|d| p.starts_with(d)) {
+            // Visible through the binds; never handed over (it is the build tree).
+            continue;
+        }
         if let Some(top) = top_dir_under(&p, &tmp) {
-            if !owned.contains(&top) {
+            if !owned.contains(&top) && !repo.starts_with(&top) {
                 owned.push(top);
             }
-        } else if !ro_dirs.iter().any(|d| p.starts_with(d)) && p.is_file() && !files.contains(&p) {
+        } else if p.is_file() && !files.contains(&p) {
             files.push(p);
         }
     }

@@ -164,6 +164,9 @@ pub struct BindMount {
     pub target: PathBuf,
     /// Whether the mount stays writable.
     pub rw: bool,
+    /// Whether mounts below `src` come along (read-write `--dir`s only: a read-only one
+    /// would leave its submounts writable).
+    pub recursive: bool,
 }
 
 /// What the jail is built from.
@@ -355,6 +358,7 @@ fn fill(jail: &mut Jail, spec: &JailSpec, devices: &[(PathBuf, u64)]) -> Result<
                     src: src.clone(),
                     target: target.clone(),
                     rw: f.rw,
+                    recursive: false,
                 });
             }
             Err(e) => return Err(io_err("hard-link the file to", &target)(e)),
@@ -378,6 +382,7 @@ fn fill(jail: &mut Jail, spec: &JailSpec, devices: &[(PathBuf, u64)]) -> Result<
             src,
             target,
             rw: d.rw,
+            recursive: d.rw,
         });
     }
 

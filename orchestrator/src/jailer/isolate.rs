@@ -192,7 +192,11 @@ pub fn enter(c: &Confinement) -> Result<Infallible, IsolateError> {
 
 fn bind_file(b: &BindMount) -> Result<(), IsolateError> {
     let what = || format!("bind-mount {} on {}", b.src.display(), b.target.display());
-    mount(Some(&b.src), &b.target, NONE, MsFlags::MS_BIND, NONE).map_err(sys(what()))?;
+    let mut bind = MsFlags::MS_BIND;
+    if b.recursive {
+        bind |= MsFlags::MS_REC;
+    }
+    mount(Some(&b.src), &b.target, NONE, bind, NONE).map_err(sys(what()))?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
     if !b.rw {
         flags |= MsFlags::MS_RDONLY;

@@ -104,7 +104,8 @@ pub struct JailerArgs {
     /// A host directory to bind-mount in the jail, repeatable: SRC[:DEST][:rw]. DEST
     /// defaults to /<name of SRC>; read-only unless `rw`. Unlike --file it is not chowned:
     /// make it writable for --uid/--gid yourself (e.g. a per-VM state directory for
-    /// snapshots). Everything below SRC becomes visible to the VMM.
+    /// snapshots). Everything below SRC becomes visible to the VMM; a `rw` one includes the
+    /// mounts below SRC, a read-only one does not (they would stay writable).
     #[arg(long = "dir", value_name = "SRC[:DEST][:rw]")]
     pub dirs: Vec<FileSpec>,
     /// Mount a fresh /proc (of the new PID namespace) in the jail. vmm runs without one but
