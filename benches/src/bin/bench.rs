@@ -38,6 +38,11 @@ struct Args {
     /// benches/results/partial.json, never latest.json or RESULTS.md.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     only: Vec<String>,
+    /// Leave these metrics out (comma-separated names), e.g. a workload known to wedge the
+    /// test host. Unlike --only, a full run with --skip still writes latest.json and a
+    /// RESULTS.md section; the section shows the command and the metrics as "not run".
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    skip: Vec<String>,
     /// Seconds one VM may take from spawn to exit before it is killed and the run fails.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     vm_timeout: u64,
@@ -545,18 +550,21 @@ fn hop_into_testhost(repo: &Path, args: &Args, why: &str) -> Result<ExitCode> {
 
 /// The workloads `--only` keeps (all without it). Errors on an unknown name.
 fn selected(args: &Args) -> Result<Vec<Workload>> {
-    for name in &args.only {
-        if metrics::find(name).is_none() {
-            let names: Vec<&str> = CATALOG.iter().map(|m| m.name).collect();
-            bail!(
-                "unknown metric {name:?} in --only; known: {}",
-                names.join(", ")
-            );
+    for (flag, list) in [("--only", &args.only), ("--skip", &args.skip)] {
+        for name in list {
+            if metrics::find(name).is_none() {
+                let names: Vec<&str> = CATALOG.iter().map(|m| m.name).collect();
+                bail!(
+                    "unknown metric {name:?} in {flag}; known: {}",
+                    names.join(", ")
+                );
+            }
         }
     }
     Ok(workloads()?
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|n| n == w.def.name))
+        .filter(|w| !args.skip.iter().any(|n| n == w.def.name))
         .collect())
 }
 
@@ -1059,7 +1067,11 @@ fn real_main() -> Result<ExitCode> {
     drop(orch);
     drop(staged);
 
-    let skipped = "not run: left out by --only";
+    let skipped = if args.only.is_empty() {
+        "not run: left out with --skip (the command above; see benches/README.md)"
+    } else {
+        "not run: left out by --only"
+    };
     let report = Report::new(commit, date, machine, nested, CATALOG, measured, skipped);
     println!("{}", report.table());
     let mut extra = Vec::new();
@@ -1423,5 +1435,27 @@ mod plan_tests {
         let boot = only(&["boot_ready_ms_1vcpu"]);
         // Both sides, and one warm-up per side.
         assert_eq!(plan(10, false).total(&boot), 22);
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::*;
+
+    #[test]
+    fn skip_leaves_a_metric_out_and_unknown_names_are_refused() {
+        let args = Args::try_parse_from(["bench", "--skip", "net_tcp_guest_to_host_gbps"]).unwrap();
+        let names: Vec<&str> = selected(&args)
+            .unwrap()
+            .iter()
+            .map(|w| w.def.name)
+            .collect();
+        assert!(!names.contains(&"net_tcp_guest_to_host_gbps"), "{names:?}");
+        assert!(names.contains(&"net_tcp_host_to_guest_gbps"), "{names:?}");
+        let all = selected(&Args::try_parse_from(["bench"]).unwrap()).unwrap();
+        assert_eq!(all.len(), names.len() + 1);
+        let bad = Args::try_parse_from(["bench", "--skip", "nope"]).unwrap();
+        let e = selected(&bad).err().unwrap().to_string();
+        assert!(e.contains("\"nope\" in --skip"), "{e}");
     }
 }
