@@ -283,6 +283,16 @@ fn manifests(c: &Client, as_json: bool, cmd: ManifestCmd) -> Result<i32> {
             } else {
                 std::fs::read(&file).with_context(|| format!("read {}", file.display()))?
             };
+            // Refused here rather than by the daemon, which would close the connection
+            // while we still write.
+            if body.len() > crate::manifest::MAX_MANIFEST_BYTES {
+                anyhow::bail!(
+                    "manifest {} is {} bytes, more than the {} allowed",
+                    file.display(),
+                    body.len(),
+                    crate::manifest::MAX_MANIFEST_BYTES
+                );
+            }
             let v = c
                 .request("POST", "/v1/manifests", Some(&body), QUICK)?
                 .ok()
