@@ -505,15 +505,7 @@ fn the_jailed_vmm_runs_a_tiny_guest_on_the_jails_dev_kvm() {
         "--exit-with-guest-status",
     ];
     let d = run(&mut jailer(&base, vmm, "guest", &extra, &args));
-    let report: serde_json::Value = serde_json::from_str(d.stdout.lines().next().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("no report ({e}): {}\n{}", d.stdout, d.stderr));
-    let cgroups: Vec<PathBuf> = report["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| PathBuf::from(v.as_str().unwrap()))
-        .collect();
-    let _cleanup = CgroupCleanup(cgroups.iter().map(|c| c.parent().unwrap().into()).collect());
+    let (cgroups, _cleanup) = report_cgroups(&d);
     assert_eq!(d.code, Some(42), "{}", d.stderr);
     assert!(d.stderr.contains("guest exit status 42"), "{}", d.stderr);
     assert!(!cgroups.is_empty());

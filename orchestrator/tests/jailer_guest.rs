@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use tests::{require_genuine_kvm, Artifacts};
 
@@ -18,7 +16,6 @@ fn a_guest_larger_than_its_memory_cgroup_fails_clearly() {
     let vmm = vmm_binary();
     let vmm = vmm.to_str().unwrap();
     let parent = format!("jailer-test-{}-oom", std::process::id());
-    let _cleanup = CgroupCleanup(Vec::new());
     let kernel = format!("{}:/vmlinux", a.vmlinux.display());
     let initrd = format!("{}:/initramfs.cpio", a.initramfs.display());
     let libs = library_files(vmm);
@@ -51,15 +48,7 @@ fn a_guest_larger_than_its_memory_cgroup_fails_clearly() {
         cmdline,
     ];
     let d = run(&mut jailer(&base, vmm, "oom", &extra, &args));
-    let report: serde_json::Value = serde_json::from_str(d.stdout.lines().next().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("no report ({e}): {}\n{}", d.stdout, d.stderr));
-    let cgroups: Vec<PathBuf> = report["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| PathBuf::from(v.as_str().unwrap()))
-        .collect();
-    let _cleanup = CgroupCleanup(cgroups.iter().map(|c| c.parent().unwrap().into()).collect());
+    let (cgroups, _cleanup) = report_cgroups(&d);
     // The guest ran (its init started the workload) before memory ran out.
     assert!(
         tests::guest_ready(&d.stdout),

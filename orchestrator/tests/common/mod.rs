@@ -175,6 +175,21 @@ pub fn section<'a>(lines: &'a [String], name: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The cgroups a `--json` jailer run reports on its first stdout line, and a guard that
+/// removes their parents at the end.
+pub fn report_cgroups(d: &Done) -> (Vec<PathBuf>, CgroupCleanup) {
+    let report: serde_json::Value = serde_json::from_str(d.stdout.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("no report ({e}): {}\n{}", d.stdout, d.stderr));
+    let cgroups: Vec<PathBuf> = report["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| PathBuf::from(v.as_str().unwrap()))
+        .collect();
+    let cleanup = CgroupCleanup(cgroups.iter().map(|c| c.parent().unwrap().into()).collect());
+    (cgroups, cleanup)
+}
+
 /// Removes the per-test parent cgroups (and any leaf left in them) at the end.
 pub struct CgroupCleanup(pub Vec<PathBuf>);
 
