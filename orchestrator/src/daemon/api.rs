@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::vm::{self, ErrorKind, OpError};
 use super::Daemon;
+use super::{exec, hibernate};
 use crate::manifest::{FieldError, Manifest, MAX_MANIFEST_BYTES};
 use crate::store::VmState;
 
@@ -204,12 +205,31 @@ async fn stop_vm(
     Ok(axum::Json(json!(rec)))
 }
 
+async fn hibernate_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, OpError> {
+    let lock = d.vm_lock(&id);
+    let _g = lock.lock().await;
+    let rec = blocking(&d, move |d| hibernate::hibernate(d, &id)).await?;
+    Ok(axum::Json(json!(rec)))
+}
+
+async fn wake_vm(
+    State(d): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, OpError> {
+    let _busy = hibernate::ensure_awake(&d, &id).await?;
+    let rec = blocking(&d, move |d| Ok(d.with_store(|s| s.get_vm(&id))?)).await?;
+    Ok(axum::Json(json!(rec)))
+}
+
 async fn exec_vm(
     State(d): State<Shared>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<Value>, OpError> {
-    let b: vm::ExecBody = parse_body(&body)?;
+    let b: exec::ExecBody = parse_body(&body)?;
     if b.argv.is_empty() {
         return Err(OpError {
             kind: ErrorKind::BadRequest,
@@ -220,7 +240,8 @@ async fn exec_vm(
             }],
         });
     }
-    let out = blocking(&d, move |d| vm::exec(d, &id, &b)).await?;
+    let _busy = hibernate::ensure_awake(&d, &id).await?;
+    let out = blocking(&d, move |d| exec::exec(d, &id, &b)).await?;
     Ok(axum::Json(json!(out)))
 }
 
@@ -235,7 +256,8 @@ async fn vm_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<axum::Json<Value>, OpError> {
-    let logs = blocking(&d, move |d| vm::logs(d, &id, q.offset)).await?;
+    let _busy = hibernate::ensure_awake(&d, &id).await?;
+    let logs = blocking(&d, move |d| exec::logs(d, &id, q.offset)).await?;
     Ok(axum::Json(json!(logs)))
 }
 
@@ -389,6 +411,8 @@ pub fn router(d: Shared) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(destroy_vm))
         .route("/v1/vms/{id}/stop", post(stop_vm))
+        .route("/v1/vms/{id}/hibernate", post(hibernate_vm))
+        .route("/v1/vms/{id}/wake", post(wake_vm))
         .route("/v1/vms/{id}/exec", post(exec_vm))
         .route("/v1/vms/{id}/logs", get(vm_logs))
         .route("/v1/events", get(events))

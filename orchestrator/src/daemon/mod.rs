@@ -7,6 +7,8 @@
 //! tokio's blocking pool; the async side only routes requests and streams events.
 
 pub mod api;
+pub mod exec;
+pub mod hibernate;
 pub mod reconcile;
 pub mod vm;
 
@@ -92,6 +94,17 @@ pub struct Daemon {
     pub vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Latency samples.
     pub latencies: Mutex<Latencies>,
+    /// Per-VM use: operations in flight and the last time one ended (idle hibernation).
+    pub activity: Mutex<HashMap<String, Activity>>,
+}
+
+/// How busy a VM is.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    /// Operations in flight (exec, logs, forwarded connections).
+    pub inflight: u32,
+    /// When the last one began or ended.
+    pub last: std::time::Instant,
 }
 
 impl Daemon {
@@ -113,6 +126,35 @@ impl Daemon {
             Err(p) => p.into_inner(),
         };
         locks.entry(id.to_string()).or_default().clone()
+    }
+
+    /// An operation on VM `id` begins.
+    pub fn activity_begin(&self, id: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let e = a.entry(id.to_string()).or_insert(Activity {
+            inflight: 0,
+            last: std::time::Instant::now(),
+        });
+        e.inflight += 1;
+        e.last = std::time::Instant::now();
+    }
+
+    /// An operation on VM `id` ended.
+    pub fn activity_end(&self, id: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = a.get_mut(id) {
+            e.inflight = e.inflight.saturating_sub(1);
+            e.last = std::time::Instant::now();
+        }
+    }
+
+    /// VM `id`'s activity (none recorded: idle since `now`).
+    pub fn activity(&self, id: &str) -> Activity {
+        let a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.get(id).copied().unwrap_or(Activity {
+            inflight: 0,
+            last: std::time::Instant::now(),
+        })
     }
 
     /// Records a latency sample.
@@ -174,6 +216,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         store: Mutex::new(store),
         vm_locks: Mutex::new(HashMap::new()),
         latencies: Mutex::new(Latencies::default()),
+        activity: Mutex::new(HashMap::new()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
