@@ -8,7 +8,8 @@ use std::io::{Read, Write};
 use crate::frame::{write_frame, FrameError, FrameType};
 use crate::message::{
     read_message, write_message, ErrorCode, ExecStart, ExitInfo, Health, HealthOk, Hello, HelloOk,
-    LogsRequest, ManifestDelivery, Message, Shutdown, WorkloadStatus, WorkloadStatusOk,
+    LogsRequest, ManifestDelivery, Message, ResyncReply, ResyncRequest, Shutdown, WorkloadStatus,
+    WorkloadStatusOk,
 };
 use crate::{MAX_CONTROL_PAYLOAD, MAX_DATA_CHUNK, MAX_EXEC_STDIN, MAX_LOG_READ, PROTOCOL_VERSION};
 
@@ -324,6 +325,19 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// After a snapshot restore: sets the guest's clock, feeds its RNG the seed and, if the
+    /// request names one, sets its hostname (see the crate docs, "Resync"). Build the
+    /// request with [`ResyncRequest::now`]. An invalid request is refused before anything is
+    /// sent.
+    pub fn resync(&mut self, req: &ResyncRequest) -> Result<ResyncReply, AgentError> {
+        req.validate().map_err(AgentError::InvalidRequest)?;
+        self.send(&Message::Resync(req.clone()))?;
+        match self.recv()? {
+            Message::ResyncOk(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Reads up to `max_bytes` (at most [`MAX_LOG_READ`]) of the workload's log from the
     /// absolute `offset`. To follow the log, call again with the chunk's `end`.
     pub fn logs(&mut self, offset: u64, max_bytes: u32) -> Result<LogChunk, AgentError> {
@@ -491,6 +505,41 @@ mod tests {
         assert!(r.stdout_truncated);
         assert_eq!(r.stderr, b"ccc");
         assert!(!r.stderr_truncated);
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn exec_streaming_hands_over_each_chunk_in_order() {
+        let (stream, agent) = fake_agent(vec![(
+            FrameType::Exec,
+            vec![
+                Message::Stdout(b"a".to_vec()),
+                Message::Stderr(b"b".to_vec()),
+                Message::Stdout(b"c".to_vec()),
+                Message::Exit(ExitInfo {
+                    code: None,
+                    signal: Some(9),
+                    timed_out: true,
+                }),
+            ],
+        )]);
+        let mut c = AgentClient::new(stream);
+        let mut seen = Vec::new();
+        let exit = c
+            .exec_streaming(&ExecRequest::new(["x"]), |s, d| seen.push((s, d.to_vec())))
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (OutputStream::Stdout, b"a".to_vec()),
+                (OutputStream::Stderr, b"b".to_vec()),
+                (OutputStream::Stdout, b"c".to_vec()),
+            ]
+        );
+        assert_eq!(
+            (exit.code, exit.signal, exit.timed_out),
+            (None, Some(9), true)
+        );
         agent.join().unwrap();
     }
 
@@ -705,6 +754,45 @@ mod tests {
         let mut rest = Vec::new();
         (&peer).read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "sent {} bytes", rest.len());
+    }
+
+    #[test]
+    fn resync_round_trip_and_refusals() {
+        use crate::ErrorInfo;
+        let reply = ResyncReply {
+            clock_step_ms: 3_600_000,
+            entropy_credited: false,
+            hostname: "clone-2".into(),
+        };
+        let (stream, agent) = fake_agent(vec![
+            (FrameType::Resync, vec![Message::ResyncOk(reply.clone())]),
+            (
+                FrameType::Resync,
+                vec![Message::Error(ErrorInfo::new(ErrorCode::Internal, "clock"))],
+            ),
+        ]);
+        let mut c = AgentClient::new(stream);
+        let req = ResyncRequest::now(Some("clone-2".into())).unwrap();
+        assert_eq!(c.resync(&req).unwrap(), reply);
+        // Refused locally: nothing reaches the agent, whose script still waits for the
+        // second request.
+        let mut bad = req.clone();
+        bad.seed.truncate(62);
+        assert!(matches!(c.resync(&bad), Err(AgentError::InvalidRequest(m)) if m.contains("seed")));
+        let mut bad = req.clone();
+        bad.hostname = Some("no_underscores".into());
+        assert!(
+            matches!(c.resync(&bad), Err(AgentError::InvalidRequest(m)) if m.contains("hostname"))
+        );
+        assert!(matches!(
+            c.resync(&req),
+            Err(AgentError::Remote {
+                code: ErrorCode::Internal,
+                ..
+            })
+        ));
+        let seen = agent.join().unwrap();
+        assert_eq!(seen, [Message::Resync(req.clone()), Message::Resync(req)]);
     }
 
     #[test]

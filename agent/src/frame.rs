@@ -42,6 +42,11 @@ pub enum FrameType {
     WorkloadStatus = 0x42,
     /// Agent → host: answer to `WorkloadStatus`.
     WorkloadStatusOk = 0x43,
+    /// Host → agent: after a snapshot restore, take the host's time, fresh randomness and
+    /// optionally a new hostname.
+    Resync = 0x44,
+    /// Agent → host: answer to `Resync`.
+    ResyncOk = 0x45,
     /// Host → agent: read the workload's captured output.
     Logs = 0x60,
     /// Agent → host: which part of the log follows (in `Stdout` frames).
@@ -50,7 +55,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type this version defines.
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 20] = [
         FrameType::Hello,
         FrameType::HelloOk,
         FrameType::Error,
@@ -67,6 +72,8 @@ impl FrameType {
         FrameType::ManifestOk,
         FrameType::WorkloadStatus,
         FrameType::WorkloadStatusOk,
+        FrameType::Resync,
+        FrameType::ResyncOk,
         FrameType::Logs,
         FrameType::LogsOk,
     ];
@@ -89,8 +96,8 @@ impl FrameType {
         self as u8
     }
 
-    /// Whether `value` lies in a range kept for later operations (0x40..=0x7f: manifest,
-    /// files, logs, later ones) without being a type this version defines.
+    /// Whether `value` lies in a range kept for later operations (0x40..=0x7f: manifest
+    /// and resync, files, logs, later ones) without being a type this version defines.
     pub fn is_reserved(value: u8) -> bool {
         (0x40..=0x7f).contains(&value) && !FrameType::ALL.iter().any(|t| t.as_u8() == value)
     }
@@ -348,22 +355,25 @@ pub(crate) mod tests {
             Err(FrameError::UnknownType(0))
         ));
         assert!(matches!(
-            decode_header(&header(0x44, 0)),
-            Err(FrameError::Reserved(0x44))
+            decode_header(&header(0x46, 0)),
+            Err(FrameError::Reserved(0x46))
         ));
-        // The manifest and log types are defined now; their neighbours stay reserved.
+        // The manifest, resync and log types are defined now; their neighbours stay
+        // reserved.
         for (v, kind) in [
             (0x40, FrameType::Manifest),
             (0x41, FrameType::ManifestOk),
             (0x42, FrameType::WorkloadStatus),
             (0x43, FrameType::WorkloadStatusOk),
+            (0x44, FrameType::Resync),
+            (0x45, FrameType::ResyncOk),
             (0x60, FrameType::Logs),
             (0x61, FrameType::LogsOk),
         ] {
             assert_eq!(FrameType::from_u8(v).unwrap(), kind);
             assert!(!FrameType::is_reserved(v) && !kind.is_data());
         }
-        for v in [0x4f, 0x50, 0x62, 0x7f] {
+        for v in [0x46, 0x4f, 0x50, 0x62, 0x7f] {
             assert!(matches!(
                 FrameType::from_u8(v),
                 Err(FrameError::Reserved(_))

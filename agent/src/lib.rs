@@ -52,7 +52,9 @@
 //! | 0x41        | `ManifestOk`       | agent → host  | `{"pid": 123}`                                  |
 //! | 0x42        | `WorkloadStatus`   | host → agent  | `{}`                                            |
 //! | 0x43        | `WorkloadStatusOk` | agent → host  | [`WorkloadStatusOk`] as JSON                    |
-//! | 0x44..=0x4f | reserved           |               | manifest                                        |
+//! | 0x44        | `Resync`           | host → agent  | [`ResyncRequest`] as JSON                       |
+//! | 0x45        | `ResyncOk`         | agent → host  | [`ResyncReply`] as JSON                         |
+//! | 0x46..=0x4f | reserved           |               | manifest                                        |
 //! | 0x50..=0x5f | reserved           |               | put / get file                                  |
 //! | 0x60        | `Logs`             | host → agent  | `{"offset": 0, "max_bytes": 65536}`             |
 //! | 0x61        | `LogsOk`           | agent → host  | `{"start": 0, "end": 42, "dropped": false}`     |
@@ -62,10 +64,11 @@
 //! Any other type is unknown. Reserved types are rejected like unknown ones (error code
 //! `unsupported` instead of `protocol`) until a protocol version defines them.
 //!
-//! The manifest and log types (0x40..=0x43, 0x60, 0x61) were added to version 1 without a
-//! version bump: they only fill reserved slots, and nothing about the older frames changed.
-//! An agent built before them answers them with `Error{code: "unsupported"}` and closes the
-//! connection, which is how a host tells that such an agent cannot take a manifest.
+//! The manifest, resync and log types (0x40..=0x45, 0x60, 0x61) were added to version 1
+//! without a version bump: they only fill reserved slots, and nothing about the older frames
+//! changed. An agent built before them answers them with `Error{code: "unsupported"}` and
+//! closes the connection, which is how a host tells that such an agent cannot take a
+//! manifest (or a resync).
 //!
 //! ## Conversation
 //!
@@ -83,6 +86,8 @@
 //!    - `Manifest` → `ManifestOk`, or an `Error` (the connection stays usable). See
 //!      [Manifest and workload](#manifest-and-workload).
 //!    - `WorkloadStatus` → `WorkloadStatusOk`.
+//!    - `Resync` → `ResyncOk`, or an `Error` (the connection stays usable). See
+//!      [Resync](#resync).
 //!    - `Logs` → `LogsOk` followed by `Stdout` frames carrying exactly `end - start` bytes
 //!      (none when the two are equal), and nothing after them: the byte count in `LogsOk`
 //!      says where the answer ends. See [Logs](#logs).
@@ -154,6 +159,34 @@
 //! "signal"}`: `pid` once a workload was started, `code` after a normal exit, `signal` when a
 //! signal ended it (absent or `null` otherwise). It describes the latest workload.
 //!
+//! ## Resync
+//!
+//! A VM restored from a snapshot (woken from hibernation, or a clone of a template) resumes
+//! with the snapshot's clock, the snapshot's kernel RNG state (shared with every other
+//! clone) and the snapshot's hostname. The host sends `Resync` right after the restore.
+//! [`ResyncRequest`] is `{"unix_time_ns": u64, "seed": "<hex>", "hostname": "..."}`:
+//! - `unix_time_ns`: the host's realtime clock, nanoseconds since the Unix epoch;
+//! - `seed`: [`MIN_RESYNC_SEED`]..=[`MAX_RESYNC_SEED`] bytes of fresh randomness as hex (an
+//!   even number of digits, either case); [`ResyncRequest::now`] draws 32 from the host's
+//!   `getrandom`;
+//! - `hostname` (optional, absent or `null` to keep the current one): 1..=[`MAX_HOSTNAME`]
+//!   ASCII letters, digits, `-` and `.`.
+//!
+//! The agent:
+//! - refuses with `bad_request` a request that breaks those rules, before changing anything;
+//! - sets `CLOCK_REALTIME` to `unix_time_ns` (a failure is `internal`);
+//! - adds the seed to the kernel's entropy pool with the `RNDADDENTROPY` ioctl on
+//!   `/dev/urandom`, crediting 8 bits per byte; if the ioctl fails it writes the seed to
+//!   `/dev/urandom` instead, which mixes it in without credit (a failure of both is
+//!   `internal`);
+//! - sets the hostname when one is given (a failure is `internal`);
+//! - answers [`ResyncReply`]: `{"clock_step_ms": i64, "entropy_credited": bool,
+//!   "hostname": "..."}`, where `clock_step_ms` is the new realtime minus the old one
+//!   (positive when the guest was behind), `entropy_credited` is false when the fallback
+//!   write was used, and `hostname` is the guest's hostname afterwards.
+//!
+//! The steps run in that order; an `internal` error leaves the earlier ones done.
+//!
 //! ## Logs
 //!
 //! The log is one byte stream of everything the workloads wrote to stdout and stderr, in
@@ -194,7 +227,8 @@ pub use hybrid::{connect_hybrid, MAX_HYBRID_LINE};
 pub use message::{
     read_message, write_message, ErrorCode, ErrorInfo, ExecStart, ExitInfo, Health, HealthOk,
     Hello, HelloOk, LogsOk, LogsRequest, ManifestDelivery, ManifestOk, Message, RawManifest,
-    Shutdown, ShutdownOk, WorkloadSpec, WorkloadState, WorkloadStatus, WorkloadStatusOk,
+    ResyncReply, ResyncRequest, Shutdown, ShutdownOk, WorkloadSpec, WorkloadState, WorkloadStatus,
+    WorkloadStatusOk, RESYNC_SEED_LEN,
 };
 
 /// First two bytes of every frame.
@@ -228,8 +262,14 @@ pub const MAX_EXEC_ENTRIES: usize = 4096;
 /// Longest `cwd` of an exec (Linux's PATH_MAX).
 pub const MAX_EXEC_CWD: usize = 4096;
 
-/// Longest hostname in a manifest (Linux's HOST_NAME_MAX).
+/// Longest hostname in a manifest or a resync (Linux's HOST_NAME_MAX).
 pub const MAX_HOSTNAME: usize = 64;
+
+/// Fewest seed bytes a `Resync` may carry.
+pub const MIN_RESYNC_SEED: usize = 32;
+
+/// Most seed bytes a `Resync` may carry.
+pub const MAX_RESYNC_SEED: usize = 256;
 
 /// Longest `vm_id` in a manifest.
 pub const MAX_VM_ID: usize = 256;

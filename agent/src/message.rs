@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{read_frame, write_frame, Frame, FrameError, FrameType};
 use crate::{MAX_EXEC_ARGS_BYTES, MAX_EXEC_CWD, MAX_EXEC_ENTRIES};
 
+mod resync;
 mod workload;
 
+pub use resync::{ResyncReply, ResyncRequest, RESYNC_SEED_LEN};
 pub use workload::{
     LogsOk, LogsRequest, ManifestDelivery, ManifestOk, RawManifest, WorkloadSpec, WorkloadState,
     WorkloadStatus, WorkloadStatusOk,
@@ -266,6 +268,10 @@ pub enum Message {
     WorkloadStatus(WorkloadStatus),
     /// See [`WorkloadStatusOk`].
     WorkloadStatusOk(WorkloadStatusOk),
+    /// See [`ResyncRequest`].
+    Resync(ResyncRequest),
+    /// See [`ResyncReply`].
+    ResyncOk(ResyncReply),
     /// See [`LogsRequest`].
     Logs(LogsRequest),
     /// See [`LogsOk`].
@@ -307,6 +313,8 @@ impl Message {
             Message::ManifestOk(_) => FrameType::ManifestOk,
             Message::WorkloadStatus(_) => FrameType::WorkloadStatus,
             Message::WorkloadStatusOk(_) => FrameType::WorkloadStatusOk,
+            Message::Resync(_) => FrameType::Resync,
+            Message::ResyncOk(_) => FrameType::ResyncOk,
             Message::Logs(_) => FrameType::Logs,
             Message::LogsOk(_) => FrameType::LogsOk,
         }
@@ -329,6 +337,8 @@ impl Message {
             Message::ManifestOk(m) => json(kind, m),
             Message::WorkloadStatus(m) => json(kind, m),
             Message::WorkloadStatusOk(m) => json(kind, m),
+            Message::Resync(m) => json(kind, m),
+            Message::ResyncOk(m) => json(kind, m),
             Message::Logs(m) => json(kind, m),
             Message::LogsOk(m) => json(kind, m),
             Message::Stdin(d) | Message::Stdout(d) | Message::Stderr(d) => Ok(Frame {
@@ -354,6 +364,8 @@ impl Message {
             FrameType::ManifestOk => Message::ManifestOk(from_json(&frame)?),
             FrameType::WorkloadStatus => Message::WorkloadStatus(from_json(&frame)?),
             FrameType::WorkloadStatusOk => Message::WorkloadStatusOk(from_json(&frame)?),
+            FrameType::Resync => Message::Resync(from_json(&frame)?),
+            FrameType::ResyncOk => Message::ResyncOk(from_json(&frame)?),
             FrameType::Logs => Message::Logs(from_json(&frame)?),
             FrameType::LogsOk => Message::LogsOk(from_json(&frame)?),
             FrameType::Stdin => Message::Stdin(frame.payload),
@@ -436,6 +448,16 @@ mod tests {
                 pid: Some(17),
                 code: None,
                 signal: None,
+            }),
+            Message::Resync(ResyncRequest::new(
+                1_700_000_000_000_000_000,
+                &[0x5a; 32],
+                Some("clone-1".into()),
+            )),
+            Message::ResyncOk(ResyncReply {
+                clock_step_ms: 86_400_000,
+                entropy_credited: true,
+                hostname: "clone-1".into(),
             }),
             Message::Logs(LogsRequest {
                 offset: 1 << 40,
@@ -592,6 +614,8 @@ mod tests {
                 FrameType::Exit,
                 FrameType::Manifest,
                 FrameType::WorkloadStatusOk,
+                FrameType::Resync,
+                FrameType::ResyncOk,
                 FrameType::Logs,
                 FrameType::LogsOk,
             ] {

@@ -106,9 +106,6 @@ pub const NO_AGENT_PEER: &str =
 /// The orchestrator metrics' peer: none.
 pub const NO_ORCH_PEER: &str =
     "none: no Firecracker-based orchestrator (or other) runs in the test host to compare with; ours only";
-const TEMPLATE: &str =
-    "n/a: orchestrator templates (restore from a snapshot) are not implemented yet";
-const HIBERNATE: &str = "n/a: hibernation (snapshot, stop, wake on demand) is not implemented yet";
 
 const fn def(
     name: &'static str,
@@ -128,7 +125,7 @@ const fn def(
 }
 
 use Better::{Higher, Lower};
-use Status::{Measured, NotYet};
+use Status::Measured;
 
 /// The boot metrics' target.
 const BOOT_TARGET: Target = Target {
@@ -270,39 +267,42 @@ pub const CATALOG: &[MetricDef] = &[
         peer_name: NO_ORCH_PEER,
         ..def("orch_create_exec_ms_cold_p50", "ms", Lower, None, Measured)
     },
-    def(
-        "orch_create_exec_ms_template_p50",
-        "ms",
-        Lower,
-        None,
-        NotYet(TEMPLATE),
-    ),
-    def(
-        "orch_create_exec_ms_template_p99",
-        "ms",
-        Lower,
-        None,
-        NotYet(TEMPLATE),
-    ),
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def(
+            "orch_create_exec_ms_template_p50",
+            "ms",
+            Lower,
+            None,
+            Measured,
+        )
+    },
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def(
+            "orch_create_exec_ms_template_p99",
+            "ms",
+            Lower,
+            None,
+            Measured,
+        )
+    },
     MetricDef {
         peer_name: NO_ORCH_PEER,
         ..def("orch_creates_per_s", "creates/s", Higher, None, Measured)
     },
-    def(
-        "hibernate_s_per_gib",
-        "s/GiB",
-        Lower,
-        None,
-        NotYet(HIBERNATE),
-    ),
-    def("wake_exec_ms", "ms", Lower, None, NotYet(HIBERNATE)),
-    def(
-        "idle_templated_vm_host_mib",
-        "MiB",
-        Lower,
-        None,
-        NotYet(TEMPLATE),
-    ),
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def("hibernate_s_per_gib", "s/GiB", Lower, None, Measured)
+    },
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def("wake_exec_ms", "ms", Lower, None, Measured)
+    },
+    MetricDef {
+        peer_name: NO_ORCH_PEER,
+        ..def("idle_templated_vm_host_mib", "MiB", Lower, None, Measured)
+    },
 ];
 
 /// Looks a metric up by name.
@@ -328,12 +328,22 @@ mod tests {
             }
         }
         assert!(find("boot_ready_ms_1vcpu").is_some());
-        for name in ["orch_create_exec_ms_cold_p50", "orch_creates_per_s"] {
+        for name in [
+            "orch_create_exec_ms_cold_p50",
+            "orch_create_exec_ms_template_p50",
+            "orch_create_exec_ms_template_p99",
+            "orch_creates_per_s",
+            "hibernate_s_per_gib",
+            "wake_exec_ms",
+            "idle_templated_vm_host_mib",
+        ] {
             let m = find(name).unwrap();
             assert_eq!(m.status, Status::Measured, "{name}");
             assert!(m.peer_name.starts_with("none: "), "{name}");
         }
         assert_eq!(find("orch_creates_per_s").unwrap().better, Better::Higher);
+        assert_eq!(find("hibernate_s_per_gib").unwrap().unit, "s/GiB");
+        assert_eq!(find("idle_templated_vm_host_mib").unwrap().unit, "MiB");
         assert!(find("nope").is_none());
     }
 

@@ -124,6 +124,21 @@ impl MetricResult {
             failures,
         }
     }
+
+    /// A metric whose value is the p99 of `ours`, samples another metric of the same run
+    /// made (a p50 and a p99 from one set of runs): as [`MetricResult::measured`] with no
+    /// peer, `ours` being the p99.
+    pub fn p99_of(
+        def: &MetricDef,
+        method: &str,
+        ours: &[f64],
+        failures: usize,
+        first_error: Option<&str>,
+    ) -> MetricResult {
+        let mut m = MetricResult::measured(def, method, ours, &[], failures, first_error);
+        m.ours = m.ours_p99;
+        m
+    }
 }
 
 /// One harness run's results.
@@ -358,7 +373,7 @@ mod tests {
         assert_eq!(rss["note"], "not run: left out by --only");
         let template = &metrics["orch_create_exec_ms_template_p50"];
         assert!(template["ours"].is_null() && template["ratio"].is_null());
-        assert!(template["note"].as_str().unwrap().starts_with("n/a: "));
+        assert_eq!(template["note"], "not run: left out by --only");
         // Measured but left out by --only: null with the skip note, not n/a.
         let cold = &metrics["orch_create_exec_ms_cold_p50"];
         assert!(cold["ours"].is_null());
@@ -366,6 +381,53 @@ mod tests {
         // Catalog order, not alphabetical: the text lists boot before api.
         let text = report.to_json();
         assert!(text.find("boot_ready_ms_2vcpu").unwrap() < text.find("api_ready_ms").unwrap());
+    }
+
+    #[test]
+    fn a_metric_not_measurable_yet_is_null_with_its_reason() {
+        let catalog = [MetricDef {
+            status: Status::NotYet("n/a: not implemented yet"),
+            ..*find("wake_exec_ms").unwrap()
+        }];
+        let r = Report::new(
+            "c".into(),
+            "d".into(),
+            "m".into(),
+            false,
+            &catalog,
+            Vec::new(),
+            "not run: left out by --only",
+        );
+        let (name, m) = &r.metrics[0];
+        assert_eq!(name, "wake_exec_ms");
+        assert_eq!((m.ours, m.ratio, m.runs), (None, None, 0));
+        assert_eq!(m.note, "n/a: not implemented yet");
+    }
+
+    #[test]
+    fn a_p99_metric_reports_the_p99_of_the_samples_as_ours() {
+        let def = find("orch_create_exec_ms_template_p99").unwrap();
+        let samples: Vec<f64> = (1..=20).map(f64::from).collect();
+        let m = MetricResult::p99_of(def, "p99 of the p50's runs", &samples, 1, Some("boom"));
+        // 0.99 * 19 = 18.81: 19 + 0.81 * (20 - 19)
+        assert_eq!(m.ours, Some(19.81));
+        assert_eq!(m.ours_p99, Some(19.81));
+        assert_eq!(m.ours_min, Some(1.0));
+        assert_eq!((m.peer, m.ratio, m.runs, m.failures), (None, None, 20, 1));
+        assert!(
+            m.note.starts_with("p99 of the p50's runs; 1 run(s) FAILED"),
+            "{}",
+            m.note
+        );
+        let p50 = MetricResult::measured(
+            find("orch_create_exec_ms_template_p50").unwrap(),
+            "",
+            &samples,
+            &[],
+            0,
+            None,
+        );
+        assert_eq!((p50.ours, p50.ours_p99), (Some(10.5), Some(19.81)));
     }
 
     #[test]

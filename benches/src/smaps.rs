@@ -1,5 +1,6 @@
 //! Reads `/proc/PID/smaps` and splits a VMM's resident memory into guest RAM and the VMM's
-//! own overhead.
+//! own overhead; also reads the `Pss:` of `/proc/PID/smaps_rollup` and the `MemAvailable:`
+//! of `/proc/meminfo` (for the idle templated VMs).
 //!
 //! Both VMMs back guest RAM with one anonymous private mapping of exactly the guest's size
 //! (ours through vm-memory's `MmapRegion`, qemu through its anonymous RAM block), so the
@@ -196,6 +197,28 @@ pub fn overhead_of_pid(pid: u32, guest_mib: u64) -> Result<Overhead> {
     overhead(&text, guest_mib).with_context(|| format!("in {path}"))
 }
 
+/// The value of the `KEY:` line (in kB) of a /proc file such as smaps_rollup or meminfo.
+pub fn kib_field(text: &str, key: &str) -> Result<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == key))
+        .with_context(|| format!("no {key}: line"))?;
+    let rest = line.split_once(':').map_or("", |(_, r)| r);
+    parse_kib(rest).with_context(|| format!("{line:?}"))
+}
+
+/// The proportional set size of a process, in KiB, from its `/proc/PID/smaps_rollup`: its
+/// private pages plus its share of pages mapped by several processes (a template's memory
+/// file mapped by every VM restored from it counts once in all).
+pub fn rollup_pss_kib(text: &str) -> Result<u64> {
+    kib_field(text, "Pss")
+}
+
+/// `MemAvailable:` of `/proc/meminfo`, in KiB.
+pub fn mem_available_kib(text: &str) -> Result<u64> {
+    kib_field(text, "MemAvailable")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +320,24 @@ Rss:                 100 kB
         let err = parse("7f00-7f01 rw-p 0 00:00 0\nRss: lots kB\n").unwrap_err();
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
         assert!(parse("Rss: 4 kB\n").is_err());
+    }
+
+    #[test]
+    fn rollup_pss_and_mem_available_are_read_in_kib() {
+        let rollup = "\
+55d0c0000000-7ffd00021000 ---p 00000000 00:00 0                          [rollup]
+Rss:               42000 kB
+Pss:               12345 kB
+Pss_Anon:           2000 kB
+Pss_File:          10345 kB
+";
+        assert_eq!(rollup_pss_kib(rollup).unwrap(), 12_345);
+        let meminfo = "MemTotal:       10240000 kB\nMemFree:         9000000 kB\nMemAvailable:    9500000 kB\n";
+        assert_eq!(mem_available_kib(meminfo).unwrap(), 9_500_000);
+        let e = mem_available_kib("MemTotal: 1 kB\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "no MemAvailable: line");
+        assert!(rollup_pss_kib("Pss: many kB\n").is_err());
     }
 }

@@ -182,6 +182,7 @@ fn start_agent(
             let _ = tx.send(MainEvent::Shutdown(stage));
         }),
         workload: Workload::new(WorkloadConfig::guest(), Arc::clone(reaper)),
+        machine: Box::new(server::resync::Guest),
     };
     if let Err(e) = server::listen::spawn_accept_loop(listener, Arc::new(ctx)) {
         say!("error: agent: starting its thread: {e}");

@@ -55,7 +55,7 @@ pub enum Cmd {
     /// Workload manifests: add, list, show, remove.
     #[command(subcommand)]
     Manifests(ManifestCmd),
-    /// VMs: create, list, show, exec, logs, stop, destroy.
+    /// VMs: create, list, show, exec, logs, stop, hibernate, wake, destroy.
     #[command(subcommand)]
     Vms(VmCmd),
     /// Lifecycle events (state changes, creates, destroys), oldest first.
@@ -145,7 +145,7 @@ pub enum VmCmd {
         /// VM id.
         id: String,
     },
-    /// Run a command in a VM; prints its output and exits with its status.
+    /// Run a command in a VM; prints its output as it comes and exits with its status.
     Exec {
         /// VM id.
         id: String,
@@ -172,6 +172,17 @@ pub enum VmCmd {
     },
     /// Stop a VM's VMM (its lease, disk and network stay until destroy).
     Stop {
+        /// VM id.
+        id: String,
+    },
+    /// Hibernate a VM: snapshot it and stop its VMM (lease, disk and network stay); the next
+    /// exec, logs or wake restores it.
+    Hibernate {
+        /// VM id.
+        id: String,
+    },
+    /// Wake a hibernated VM (restore it from its snapshot).
+    Wake {
         /// VM id.
         id: String,
     },
@@ -360,38 +371,142 @@ fn vm_row(v: &Value) -> Vec<String> {
 
 const VM_HEADER: [&str; 6] = ["ID", "STATE", "MANIFEST", "IP", "MAC", "PID"];
 
+/// One VM: its table row, or the API's JSON.
+fn print_vm(v: &Value, as_json: bool) {
+    if as_json {
+        print_json(v);
+    } else {
+        table(&VM_HEADER, &[vm_row(v)]);
+    }
+}
+
+/// Runs `f`, showing `what... N s` on stderr (when `show`) until it returns.
+fn with_progress<T>(show: bool, what: &str, f: impl FnOnce() -> T) -> T {
+    if !show {
+        return f();
+    }
+    let started = Instant::now();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        let what = what.to_string();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                eprint!("\r{what}... {:.0} s", started.elapsed().as_secs_f64());
+                let _ = std::io::stderr().flush();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            eprintln!();
+        })
+    };
+    let out = f();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ticker.join();
+    out
+}
+
+/// Runs a command through the streaming exec API (NDJSON lines). With `echo`, its output
+/// goes to our stdout and stderr as it arrives; without, it is collected. Returns what the
+/// collecting API would have answered, `{"stdout", "stderr", "code", "signal",
+/// "timed_out"}` (with `echo`, `stdout` and `stderr` are empty: they were printed).
+fn exec_stream(c: &Client, id: &str, body: &Value, timeout_s: u64, echo: bool) -> Result<Value> {
+    let mut pending: Vec<u8> = Vec::new();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let mut exit: Option<Value> = None;
+    let mut failed: Option<String> = None;
+    // The start of the body, for an answer that is not a stream (an error).
+    let mut head: Vec<u8> = Vec::new();
+    let status = c.request_streaming(
+        "POST",
+        &format!("/v1/vms/{id}/exec?stream=true"),
+        Some(body.to_string().as_bytes()),
+        Duration::from_secs(timeout_s + 60),
+        |chunk| {
+            let room = (64 * 1024usize).saturating_sub(head.len());
+            head.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+            pending.extend_from_slice(chunk);
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(t) = v["stdout"].as_str() {
+                    if echo {
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(t.as_bytes());
+                        let _ = o.flush();
+                    } else {
+                        stdout.push_str(t);
+                    }
+                } else if let Some(t) = v["stderr"].as_str() {
+                    if echo {
+                        let mut e = std::io::stderr().lock();
+                        let _ = e.write_all(t.as_bytes());
+                        let _ = e.flush();
+                    } else {
+                        stderr.push_str(t);
+                    }
+                } else if v["exit"].is_object() {
+                    exit = Some(v["exit"].clone());
+                } else if let Some(m) = v["error"].as_str() {
+                    failed = Some(m.to_string());
+                }
+            }
+            true
+        },
+    )?;
+    if status != 200 {
+        crate::client::Answer {
+            status,
+            body: String::from_utf8_lossy(&head).into_owned(),
+        }
+        .ok()?;
+        anyhow::bail!("exec in {id}: unexpected status {status}");
+    }
+    if let Some(m) = failed {
+        anyhow::bail!("exec in {id} failed: {m}");
+    }
+    if exit.is_none() {
+        // A daemon without streaming answers the collected JSON object instead.
+        if let Ok(v) = serde_json::from_slice::<Value>(&head) {
+            if v.get("timed_out").is_some() && v.get("stdout").is_some() {
+                if echo {
+                    print!("{}", v["stdout"].as_str().unwrap_or(""));
+                    eprint!("{}", v["stderr"].as_str().unwrap_or(""));
+                }
+                return Ok(v);
+            }
+        }
+    }
+    let exit =
+        exit.with_context(|| format!("exec in {id}: the stream ended before the exit status"))?;
+    Ok(json!({
+        "stdout": stdout,
+        "stderr": stderr,
+        "code": exit["code"],
+        "signal": exit["signal"],
+        "timed_out": exit["timed_out"].as_bool().unwrap_or(false),
+    }))
+}
+
 fn vms(c: &Client, as_json: bool, cmd: VmCmd) -> Result<i32> {
     match cmd {
         VmCmd::Create { manifest, id } => {
             let body = json!({"manifest": manifest, "id": id});
             let started = Instant::now();
-            // Progress on stderr while the daemon boots the VM (the answer comes once the
-            // workload runs).
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let ticker = (!as_json).then(|| {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        eprint!(
-                            "\rcreating VM from manifest {manifest}... {:.0} s",
-                            started.elapsed().as_secs_f64()
-                        );
-                        let _ = std::io::stderr().flush();
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                    eprintln!();
-                })
-            });
-            let ans = c.request(
-                "POST",
-                "/v1/vms",
-                Some(body.to_string().as_bytes()),
-                Duration::from_secs(600),
+            // The answer comes once the workload runs.
+            let ans = with_progress(
+                !as_json,
+                &format!("creating VM from manifest {manifest}"),
+                || {
+                    c.request(
+                        "POST",
+                        "/v1/vms",
+                        Some(body.to_string().as_bytes()),
+                        Duration::from_secs(600),
+                    )
+                },
             );
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(t) = ticker {
-                let _ = t.join();
-            }
             let v = ans?.ok()?;
             if as_json {
                 print_json(&v);
@@ -443,20 +558,11 @@ fn vms(c: &Client, as_json: bool, cmd: VmCmd) -> Result<i32> {
             }
             let body =
                 json!({"argv": argv, "env": envmap, "cwd": cwd, "timeout_ms": timeout_s * 1000});
-            let v = c
-                .request(
-                    "POST",
-                    &format!("/v1/vms/{id}/exec"),
-                    Some(body.to_string().as_bytes()),
-                    Duration::from_secs(timeout_s + 60),
-                )?
-                .ok()?;
+            let v = exec_stream(c, &id, &body, timeout_s, !as_json)?;
             if as_json {
                 print_json(&v);
                 return Ok(0);
             }
-            print!("{}", v["stdout"].as_str().unwrap_or(""));
-            eprint!("{}", v["stderr"].as_str().unwrap_or(""));
             if v["timed_out"].as_bool() == Some(true) {
                 eprintln!("orchestrator: the command timed out after {timeout_s} s");
                 return Ok(124);
@@ -500,6 +606,28 @@ fn vms(c: &Client, as_json: bool, cmd: VmCmd) -> Result<i32> {
             } else {
                 println!("VM {id} stopped");
             }
+        }
+        VmCmd::Hibernate { id } => {
+            let ans = with_progress(!as_json, &format!("hibernating {id}"), || {
+                c.request(
+                    "POST",
+                    &format!("/v1/vms/{id}/hibernate"),
+                    None,
+                    Duration::from_secs(600),
+                )
+            });
+            print_vm(&ans?.ok()?, as_json);
+        }
+        VmCmd::Wake { id } => {
+            let ans = with_progress(!as_json, &format!("waking {id}"), || {
+                c.request(
+                    "POST",
+                    &format!("/v1/vms/{id}/wake"),
+                    None,
+                    Duration::from_secs(600),
+                )
+            });
+            print_vm(&ans?.ok()?, as_json);
         }
         VmCmd::Destroy { id } => {
             c.request(

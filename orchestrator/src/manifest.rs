@@ -104,6 +104,8 @@ pub struct Manifest {
     pub limits: Limits,
     /// Seconds idle before the VM is hibernated; `None` never hibernates it.
     pub idle_hibernate_s: Option<u64>,
+    /// Start VMs from a template snapshot (booted once, then restored for every VM).
+    pub template: bool,
 }
 
 /// `rootfs`: the root filesystem image.
@@ -299,6 +301,9 @@ impl Manifest {
         root.insert("limits".into(), limits.into());
         if let Some(idle) = self.idle_hibernate_s {
             root.insert("idle_hibernate_s".into(), idle.into());
+        }
+        if self.template {
+            root.insert("template".into(), true.into());
         }
         root.into()
     }

@@ -432,6 +432,35 @@ pub fn create_offline_netns(vm_id: &str) -> Result<PathBuf> {
     }
 }
 
+/// Creates the namespace a template VM boots in: `lo` and the VM-side `tap0` exactly as
+/// in every VM's namespace (address, MAC, owner), and nothing else: the template reaches
+/// no network, while its guest configures the same interface its clones will use.
+/// `destroy_vm_net` removes it.
+pub fn create_template_netns(vm_id: &str, tap_owner: u32) -> Result<PathBuf> {
+    let ns_path = create_offline_netns(vm_id)?;
+    let ns = netns_name(vm_id)?;
+    let uid = tap_owner.to_string();
+    let tap_mac = TAP_MAC.to_string();
+    let tap_addr = format!("{TAP_IP}/{GUEST_PREFIX_LEN}");
+    let steps: [&[&str]; 4] = [
+        &[
+            "tuntap", "add", "dev", TAP_NAME, "mode", "tap", "user", &uid,
+        ],
+        &["link", "set", "dev", TAP_NAME, "address", &tap_mac],
+        &["addr", "add", &tap_addr, "dev", TAP_NAME],
+        &["link", "set", "dev", TAP_NAME, "up"],
+    ];
+    for step in steps {
+        let mut args = vec!["-n", ns.as_str()];
+        args.extend_from_slice(step);
+        if let Err(e) = run("ip", &args, None) {
+            let _ = destroy_vm_net(vm_id);
+            return Err(e);
+        }
+    }
+    Ok(ns_path)
+}
+
 /// Everything after `ip netns add`.
 fn build_vm_net(host: &HostNet, vm: &VmNet, ns: &str, ns_path: &Path, ov: &str) -> Result<()> {
     // Before any link exists, so `default` covers eth0 and tap0 too.

@@ -30,7 +30,7 @@ use crate::manifest::Manifest;
 use crate::net_addr::{Mac, Subnet};
 
 pub use error::StoreError;
-pub use rows::{Event, LeaseUsage, ManifestRecord, SnapshotRecord, VmRecord, VmState};
+pub use rows::{Event, LeaseUsage, ManifestRecord, PortForward, SnapshotRecord, VmRecord, VmState};
 pub use schema::SCHEMA_VERSION;
 use schema::{migrate, user_version};
 
@@ -436,6 +436,21 @@ impl Store {
         )
     }
 
+    /// Sets (or clears) a VM's host port forward.
+    pub fn set_port_forward(
+        &mut self,
+        vm_id: &str,
+        forward: Option<PortForward>,
+    ) -> Result<(), StoreError> {
+        let text = forward.map(|f| serde_json::to_string(&f).unwrap_or_default());
+        self.update_vm(
+            vm_id,
+            "set port forward of",
+            "UPDATE vms SET port_forward = ?2, updated_at = ?3 WHERE id = ?1",
+            params![vm_id, text, now_ms()],
+        )
+    }
+
     /// Forgets a VM's process (it exited), keeping its jail directory and netns so they can
     /// still be cleaned up.
     pub fn clear_process(&mut self, vm_id: &str) -> Result<(), StoreError> {
@@ -627,6 +642,75 @@ impl Store {
             }
             Err(err) => Err(sql(&self.path, action)(err)),
         }
+    }
+
+    /// Records a finished hibernation in one transaction: the snapshot row (`kind`
+    /// `hibernate`; earlier hibernate rows of the VM are replaced), the process forgotten and
+    /// the state `hibernated`, with a `state` event. Returns the snapshot id. Until this
+    /// commits the VM is `running` as far as anyone reading the database knows.
+    pub fn commit_hibernation(
+        &mut self,
+        vm_id: &str,
+        vmstate_path: &Path,
+        mem_path: &Path,
+    ) -> Result<i64, StoreError> {
+        let path = &self.path;
+        let action = || format!("record hibernation of VM {vm_id}");
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, action()))?;
+        let before: String = tx
+            .query_row("SELECT state FROM vms WHERE id = ?1", [vm_id], |r| r.get(0))
+            .optional()
+            .map_err(sql(path, action()))?
+            .ok_or_else(|| StoreError::VmNotFound {
+                id: vm_id.to_string(),
+            })?;
+        tx.execute(
+            "DELETE FROM snapshots WHERE vm_id = ?1 AND kind = 'hibernate'",
+            [vm_id],
+        )
+        .map_err(sql(path, action()))?;
+        tx.execute(
+            "INSERT INTO snapshots (vm_id, kind, vmstate_path, mem_path, created_at)
+             VALUES (?1, 'hibernate', ?2, ?3, ?4)",
+            params![
+                vm_id,
+                vmstate_path.to_string_lossy(),
+                mem_path.to_string_lossy(),
+                now_ms()
+            ],
+        )
+        .map_err(sql(path, action()))?;
+        let snap = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE vms SET state = 'hibernated', pid = NULL, pid_start_time = NULL,
+             updated_at = ?2 WHERE id = ?1",
+            params![vm_id, now_ms()],
+        )
+        .map_err(sql(path, action()))?;
+        insert_event(
+            &tx,
+            path,
+            Some(vm_id),
+            "state",
+            &json!({ "from": before, "to": VmState::Hibernated.as_str() }),
+        )?;
+        tx.commit().map_err(sql(path, action()))?;
+        Ok(snap)
+    }
+
+    /// The VM's latest snapshot of `kind`, if any.
+    pub fn latest_snapshot(
+        &self,
+        vm_id: &str,
+        kind: &str,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        Ok(self
+            .list_snapshots(vm_id)?
+            .into_iter()
+            .rfind(|s| s.kind == kind))
     }
 
     /// A VM's snapshots, oldest first.

@@ -1,20 +1,21 @@
 //! The control API on this machine, without VMs: the daemon's router served on a temporary
-//! unix socket with a temporary database. Manifests CRUD, field-level errors, refusals that
-//! create nothing, events, metrics, and every path of `api/openapi.yaml` routed.
+//! unix socket (and TCP with a bearer token) with a temporary database. Manifests CRUD,
+//! field-level errors, refusals that create nothing, events, metrics, every path of
+//! `api/openapi.yaml` routed, and streaming exec against a fake guest agent.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::client::Client;
-use orchestrator::daemon::{Config, Daemon, Latencies};
+use orchestrator::daemon::{Config, Daemon};
 use orchestrator::store::Store;
 use serde_json::{json, Value};
 
 struct Api {
     dir: PathBuf,
     client: Client,
+    daemon: Arc<Daemon>,
 }
 
 impl Drop for Api {
@@ -24,6 +25,11 @@ impl Drop for Api {
 }
 
 fn start(name: &str) -> Api {
+    start_with(name, None)
+}
+
+/// The router on a temporary socket, and on TCP `addr` with `token` if given.
+fn start_with(name: &str, tcp: Option<(std::net::SocketAddr, &str)>) -> Api {
     let dir = std::env::temp_dir().join(format!("orch-api-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -31,8 +37,8 @@ fn start(name: &str) -> Api {
         state_dir: dir.join("state"),
         socket: dir.join("o.sock"),
         socket_gid: None,
-        tcp: None,
-        token: None,
+        tcp: tcp.map(|t| t.0),
+        token: tcp.map(|t| t.1.to_string()),
         subnet: "10.77.0.0/29".parse().unwrap(),
         bridge: "unused0".into(),
         jailer: "/nonexistent/jailer".into(),
@@ -43,19 +49,15 @@ fn start(name: &str) -> Api {
     std::fs::create_dir_all(&config.state_dir).unwrap();
     let store = Store::open(&config.db_path()).unwrap();
     let sock = config.socket.clone();
-    let daemon = Arc::new(Daemon {
-        config,
-        store: Mutex::new(store),
-        vm_locks: Mutex::new(HashMap::new()),
-        latencies: Mutex::new(Latencies::default()),
-    });
+    let daemon = Arc::new(Daemon::new(config, store));
+    let served = Arc::clone(&daemon);
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(orchestrator::daemon::api::serve(daemon))
+        rt.block_on(orchestrator::daemon::api::serve(served))
             .unwrap();
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -66,6 +68,7 @@ fn start(name: &str) -> Api {
     Api {
         client: Client::new(&sock).unwrap(),
         dir,
+        daemon,
     }
 }
 
@@ -93,12 +96,23 @@ impl Api {
 /// One HTTP/1.1 request on a fresh connection, written by a second thread (write errors
 /// ignored) while this one reads the whole answer.
 fn raw_request(sock: &std::path::Path, method: &str, path: &str, body: String) -> String {
+    raw_request_with(sock, method, path, "", body)
+}
+
+/// [`raw_request`] with extra header lines (`extra` ends each with `\r\n`).
+fn raw_request_with(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: String,
+) -> String {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
@@ -228,7 +242,7 @@ fn every_documented_path_is_routed_and_metrics_are_prometheus_text() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml")).unwrap();
     let spec: Value = serde_norway::from_str(&text).unwrap();
     let paths = spec["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 10, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 12, "{:?}", paths.keys());
     for (path, ops) in paths {
         let concrete = path.replace("{name}", "nosuch").replace("{id}", "nosuch");
         for method in ["get", "post", "delete"] {
@@ -383,5 +397,451 @@ fn the_cli_prints_tables_json_and_field_errors() {
     assert!(
         err.contains("missing.sock") && err.contains("orchestrator serve"),
         "{err}"
+    );
+}
+
+/// Runs the CLI against `sock`: (exit code, stdout, stderr).
+fn run_cli(sock: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One request over TCP (`Connection: close`): status and body as JSON.
+fn tcp_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn tcp_needs_the_bearer_token_and_the_unix_socket_does_not() {
+    // A free port: bound here and released, then bound by the server.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let token = "s3cret-t0ken";
+    let api = start_with("tcp", Some((addr, token)));
+    // The TCP listener comes up just after the unix socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let right = format!("Bearer {token}");
+    let longer = format!("Bearer {token}x");
+    let same_length = format!("Bearer {}", "x".repeat(token.len()));
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some(same_length.as_str()),
+        Some(longer.as_str()),
+        Some("Bearer "),
+        Some(token),
+        Some("Basic czNjcmV0LXQwa2Vu"),
+    ] {
+        let (st, v) = tcp_request(addr, "GET", "/v1", auth, "");
+        assert_eq!(st, 401, "{auth:?}: {v}");
+        assert_eq!(v["error"]["kind"], "unauthorized", "{auth:?}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    let (st, v) = tcp_request(addr, "GET", "/v1", Some(&right), "");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["name"], "orchestrator", "{v}");
+    // Refused before the handler: a write without the token creates nothing.
+    let m = manifest(&api, "viatcp").to_string();
+    let (st, _) = tcp_request(addr, "POST", "/v1/manifests", Some("Bearer nope"), &m);
+    assert_eq!(st, 401);
+    let (st, v) = tcp_request(addr, "GET", "/v1/manifests", Some(&right), "");
+    assert_eq!((st, v), (200, json!([])));
+    let (st, v) = tcp_request(addr, "POST", "/v1/manifests", Some(&right), &m);
+    assert_eq!(st, 201, "{v}");
+    // The unix socket is guarded by its mode and peer credentials, not the token.
+    let (st, v, _) = api.call("GET", "/v1/manifests", None);
+    assert_eq!(st, 200);
+    assert_eq!(v[0]["name"], "viatcp", "{v}");
+}
+
+#[test]
+fn streaming_exec_refusals_before_the_command_starts_are_plain_json_errors() {
+    let api = start("stream-err");
+    let sock = api.dir.join("o.sock");
+    // An unknown VM: 404 as JSON, not a stream, whichever way streaming was asked for.
+    for (path, extra) in [
+        ("/v1/vms/vm-none/exec?stream=true", ""),
+        ("/v1/vms/vm-none/exec", "Accept: application/x-ndjson\r\n"),
+    ] {
+        let answer = raw_request_with(&sock, "POST", path, extra, r#"{"argv":["ls"]}"#.into());
+        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        let lower = answer.to_ascii_lowercase();
+        assert!(
+            lower.contains("content-type: application/json"),
+            "{path}: {answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["kind"], "not_found", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("vm-none"),
+            "{v}"
+        );
+    }
+    // Bad bodies and queries: 400 naming the field.
+    for (path, body, field) in [
+        (
+            "/v1/vms/vm-none/exec?stream=true",
+            r#"{"argv": []}"#,
+            "argv",
+        ),
+        (
+            "/v1/vms/vm-none/exec?stream=true",
+            r#"{"argv": ["ls"], "colour": 1}"#,
+            "colour",
+        ),
+        (
+            "/v1/vms/vm-none/exec?stream=true",
+            r#"{"argv": "ls"}"#,
+            "argv",
+        ),
+        (
+            "/v1/vms/vm-none/exec?stream=maybe",
+            r#"{"argv": ["ls"]}"#,
+            "stream",
+        ),
+    ] {
+        let (st, v, text) = api.call("POST", path, Some(body));
+        assert_eq!(st, 400, "{path} {body}: {text}");
+        assert_eq!(v["error"]["kind"], "bad_request", "{text}");
+        assert!(
+            v["error"]["fields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f.to_string().contains(field)),
+            "{field}: {text}"
+        );
+    }
+    // The CLI streams, and reports the refusal with its status.
+    let (code, out, err) = run_cli(&sock, &["vms", "exec", "vm-none", "--", "true"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("vm-none") && err.contains("(404)"), "{err}");
+}
+
+#[test]
+fn hibernate_and_wake_of_an_unknown_vm_are_404_naming_it() {
+    let api = start("hib404");
+    for op in ["hibernate", "wake"] {
+        let (st, v, text) = api.call("POST", &format!("/v1/vms/vm-ghost/{op}"), None);
+        assert_eq!(st, 404, "{op}: {text}");
+        assert_eq!(v["error"]["kind"], "not_found", "{op}: {text}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("vm-ghost"),
+            "{op}: {text}"
+        );
+        let (code, out, err) = run_cli(&api.dir.join("o.sock"), &["vms", op, "vm-ghost"]);
+        assert_eq!(code, Some(1), "{op}: {out}");
+        assert!(
+            err.contains("vm-ghost") && err.contains("(404)"),
+            "{op}: {err}"
+        );
+    }
+}
+
+/// Serves one connection as guest-init's agent behind the VMM's hybrid vsock would:
+/// `slow` prints "one", waits 1.5 s, prints "warn" on stderr and "two", and exits 3;
+/// `utf8` writes an "é" cut in two chunks; anything else cannot be run.
+fn fake_agent_connection(mut s: std::os::unix::net::UnixStream) {
+    use agent::{ErrorCode, ErrorInfo, ExitInfo, HealthOk, HelloOk, Message};
+    use std::io::{Read, Write};
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {}
+    if s.write_all(b"OK 1073741824\n").is_err() {
+        return;
+    }
+    let exit = |code| {
+        Message::Exit(ExitInfo {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+        })
+    };
+    loop {
+        let Ok(m) = agent::read_message(&mut s) else {
+            return;
+        };
+        let script: Vec<Option<Message>> = match m {
+            Message::Hello(_) => vec![Some(Message::HelloOk(HelloOk {
+                version: agent::PROTOCOL_VERSION,
+                agent_version: "fake".into(),
+            }))],
+            Message::Health(_) => vec![Some(Message::HealthOk(HealthOk {
+                agent_version: "fake".into(),
+                uptime_ms: 1,
+            }))],
+            Message::Exec(start) => match start.argv[0].as_str() {
+                "slow" => vec![
+                    Some(Message::Stdout(b"one\n".to_vec())),
+                    None,
+                    Some(Message::Stderr(b"warn\n".to_vec())),
+                    Some(Message::Stdout(b"two\n".to_vec())),
+                    Some(exit(3)),
+                ],
+                "utf8" => vec![
+                    Some(Message::Stdout(vec![b'<', 0xC3])),
+                    Some(Message::Stdout(vec![0xA9, b'>', b'\n'])),
+                    Some(exit(0)),
+                ],
+                _ => vec![Some(Message::Error(ErrorInfo::new(
+                    ErrorCode::ExecFailed,
+                    "cannot run it",
+                )))],
+            },
+            _ => return,
+        };
+        for step in script {
+            match step {
+                Some(m) => {
+                    if agent::write_message(&mut s, &m).is_err() {
+                        return;
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(1500)),
+            }
+        }
+    }
+}
+
+/// A `running` VM `vm-fake` in the database whose jail's `v.sock` is a fake agent, and a
+/// `stopped` one, `vm-off`.
+fn fake_vm(api: &Api) {
+    use orchestrator::store::VmState;
+    let m = manifest(api, "fake");
+    let (st, _, body) = api.call("POST", "/v1/manifests", Some(&m.to_string()));
+    assert_eq!(st, 201, "{body}");
+    let subnet = api.daemon.config.subnet;
+    api.daemon.with_store(|s| {
+        for (id, state) in [("vm-fake", VmState::Running), ("vm-off", VmState::Stopped)] {
+            s.create_vm_with_lease(id, "fake", &subnet).unwrap();
+            s.set_state(id, state).unwrap();
+        }
+    });
+    let jail = api.dir.join("jail");
+    let root = jail.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let vm_dir = api.daemon.config.vm_dir("vm-fake");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let report =
+        json!({"jail_dir": jail, "jail_root": root, "pid": std::process::id(), "cgroups": []});
+    std::fs::write(vm_dir.join("jail.json"), report.to_string()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(root.join("v.sock")).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || fake_agent_connection(s));
+        }
+    });
+}
+
+/// NDJSON lines of a streamed exec, each with when it arrived.
+fn stream_exec(api: &Api, id: &str, argv: &[&str]) -> (u16, Vec<(Duration, Value)>) {
+    let started = std::time::Instant::now();
+    let body = json!({ "argv": argv }).to_string();
+    let mut pending = String::new();
+    let mut lines = Vec::new();
+    let status = api
+        .client
+        .request_streaming(
+            "POST",
+            &format!("/v1/vms/{id}/exec?stream=true"),
+            Some(body.as_bytes()),
+            Duration::from_secs(30),
+            |chunk| {
+                pending.push_str(&String::from_utf8_lossy(chunk));
+                while let Some(i) = pending.find('\n') {
+                    let line: String = pending.drain(..=i).collect();
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                    lines.push((started.elapsed(), v));
+                    if lines.len() == 1 && argv == ["slow"] {
+                        // Mid-stream (the fake agent waits after the first line), the VM
+                        // is busy: not to be hibernated under it.
+                        assert_eq!(api.daemon.activity(id).inflight, 1);
+                    }
+                }
+                true
+            },
+        )
+        .unwrap();
+    assert!(
+        pending.is_empty(),
+        "a line without its newline: {pending:?}"
+    );
+    (status, lines)
+}
+
+#[test]
+fn exec_streams_ndjson_as_output_arrives_through_a_fake_agent() {
+    let api = start("stream");
+    fake_vm(&api);
+    let sock = api.dir.join("o.sock");
+
+    let (st, lines) = stream_exec(&api, "vm-fake", &["slow"]);
+    assert_eq!(st, 200, "{lines:?}");
+    let values: Vec<&Value> = lines.iter().map(|l| &l.1).collect();
+    assert_eq!(
+        values,
+        [
+            &json!({"stdout": "one\n"}),
+            &json!({"stderr": "warn\n"}),
+            &json!({"stdout": "two\n"}),
+            &json!({"exit": {"code": 3, "signal": null, "timed_out": false}}),
+        ]
+    );
+    // The first line came as it was written, not with the rest at the end.
+    let gap = lines[3].0 - lines[0].0;
+    assert!(gap >= Duration::from_millis(1000), "{lines:?}");
+    // The stream's end releases the VM.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while api.daemon.activity("vm-fake").inflight != 0 {
+        assert!(std::time::Instant::now() < deadline, "still busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Headers, and a character cut between two chunks kept whole.
+    let answer = raw_request_with(
+        &sock,
+        "POST",
+        "/v1/vms/vm-fake/exec",
+        "Accept: application/x-ndjson\r\n",
+        r#"{"argv":["utf8"]}"#.into(),
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        lower.contains("content-type: application/x-ndjson"),
+        "{answer}"
+    );
+    assert!(lower.contains("transfer-encoding: chunked"), "{answer}");
+    assert!(answer.contains("{\"stdout\":\"<\"}\n"), "{answer}");
+    assert!(answer.contains("{\"stdout\":\"é>\\n\"}\n"), "{answer}");
+    assert!(!answer.contains('\u{fffd}'), "{answer}");
+
+    // A failure once the stream has begun is its last line.
+    let (st, lines) = stream_exec(&api, "vm-fake", &["nosuch"]);
+    assert_eq!(st, 200);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let msg = lines[0].1["error"].as_str().unwrap();
+    assert!(
+        msg.contains("vm-fake") && msg.contains("cannot run it"),
+        "{msg}"
+    );
+
+    // Without streaming: the collected answer, as before.
+    let (st, v, text) = api.call("POST", "/v1/vms/vm-fake/exec", Some(r#"{"argv":["slow"]}"#));
+    assert_eq!(st, 200, "{text}");
+    assert_eq!(
+        v,
+        json!({
+            "stdout": "one\ntwo\n",
+            "stderr": "warn\n",
+            "code": 3,
+            "signal": null,
+            "timed_out": false,
+        })
+    );
+
+    // The CLI prints the output as it comes and exits with the command's code.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["vms", "exec", "vm-fake", "--", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    let first_at = started.elapsed();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    let done_at = started.elapsed();
+    assert_eq!((first.as_str(), rest.as_str()), ("one\n", "two\n"), "{err}");
+    assert_eq!(err, "warn\n");
+    assert_eq!(status.code(), Some(3));
+    assert!(
+        done_at - first_at >= Duration::from_millis(1000),
+        "first line at {first_at:?}, end at {done_at:?}"
+    );
+    // --json: the one object of the collected answer.
+    let (code, out, err) = run_cli(&sock, &["--json", "vms", "exec", "vm-fake", "--", "slow"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), v);
+    // A failure in the stream: the message, status 1.
+    let (code, _, err) = run_cli(&sock, &["vms", "exec", "vm-fake", "--", "nosuch"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cannot run it"), "{err}");
+
+    // Wake: a running VM is answered as is; a stopped one is a conflict.
+    let (st, v, text) = api.call("POST", "/v1/vms/vm-fake/wake", None);
+    assert_eq!((st, v["state"].clone()), (200, json!("running")), "{text}");
+    let (st, v, text) = api.call("POST", "/v1/vms/vm-off/wake", None);
+    assert_eq!(st, 409, "{text}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("stopped"),
+        "{text}"
+    );
+    let (code, out, err) = run_cli(&sock, &["vms", "wake", "vm-fake"]);
+    assert_eq!(code, Some(0), "{err}");
+    let mut rows = out.lines();
+    assert!(rows.next().unwrap().starts_with("ID "), "{out}");
+    assert!(
+        rows.next().unwrap().starts_with("vm-fake  running "),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(&sock, &["--json", "vms", "wake", "vm-fake"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["id"],
+        "vm-fake"
     );
 }

@@ -4,200 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use orchestrator::client::Client;
 use serde_json::{json, Value};
-use tests::{require_genuine_kvm, Artifacts};
+use tests::Artifacts;
 
 const ORCHESTRATOR: &str = env!("CARGO_BIN_EXE_orchestrator");
-const JAILER: &str = env!("CARGO_BIN_EXE_jailer");
-
-/// A daemon on its own state dir, socket, bridge and subnet; stopped and cleaned on drop.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    bridge: String,
-    subnet_prefix: String,
-    client: Client,
-}
-
-impl Daemon {
-    fn start(name: &str, n: u8) -> Daemon {
-        require_genuine_kvm();
-        let dir = PathBuf::from(format!("/tmp/orch-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("o.sock");
-        let bridge = format!("orcht{n}");
-        let subnet_prefix = format!("172.29.{n}");
-        let mut d = Daemon {
-            child: None,
-            client: Client::new(&sock).unwrap(),
-            dir,
-            sock,
-            bridge,
-            subnet_prefix,
-        };
-        d.spawn(None);
-        d
-    }
-
-    /// Stops the daemon (SIGTERM; VMs keep running) and starts it again, with
-    /// `ORCHESTRATOR_TEST_KILL_AT=kill_at` if given.
-    fn restart(&mut self, kill_at: Option<&str>) {
-        if let Some(mut c) = self.child.take() {
-            if c.try_wait().unwrap().is_none() {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            }
-            let _ = c.wait();
-        }
-        self.spawn(kill_at);
-    }
-
-    /// Waits for the daemon to die by SIGKILL (the test hook).
-    fn wait_killed(&mut self) {
-        use std::os::unix::process::ExitStatusExt;
-        let c = self.child.as_mut().unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}\n{}", self.log());
-                self.child = None;
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "not killed:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn spawn(&mut self, kill_at: Option<&str>) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("daemon.log"))
-            .unwrap();
-        let mut cmd = Command::new(ORCHESTRATOR);
-        if let Some(point) = kill_at {
-            cmd.env("ORCHESTRATOR_TEST_KILL_AT", point);
-        }
-        let child = cmd
-            .arg("--socket")
-            .arg(&self.sock)
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .args(["--subnet", &format!("{}.0/24", self.subnet_prefix)])
-            .args(["--bridge", &self.bridge])
-            .args(["--jailer", JAILER])
-            .arg("--vmm")
-            .arg(common::vmm_binary())
-            .args(["--ready-timeout-s", "240"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited ({st}):\n{}", self.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "no control socket:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let body = body.map(|b| b.to_string());
-        let a = self
-            .client
-            .request(
-                method,
-                path,
-                body.as_deref().map(str::as_bytes),
-                Duration::from_secs(600),
-            )
-            .unwrap_or_else(|e| panic!("{method} {path}: {e:#}\n{}", self.log()));
-        (a.status, a.json())
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let (st, v) = self.call(method, path, body);
-        assert!(
-            (200..300).contains(&st),
-            "{method} {path}: {st} {v}\n{}",
-            self.log()
-        );
-        v
-    }
-
-    fn add_manifest(&self, m: &Value) {
-        let a = self
-            .client
-            .request(
-                "POST",
-                "/v1/manifests",
-                Some(m.to_string().as_bytes()),
-                Duration::from_secs(30),
-            )
-            .unwrap();
-        assert_eq!(a.status, 201, "{}", a.body);
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_none() {
-            self.spawn(None);
-        }
-        if let Some(c) = self.child.as_mut() {
-            // Destroy what is left, so no VMM or netns outlives the test.
-            if let Ok(a) = self
-                .client
-                .request("GET", "/v1/vms", None, Duration::from_secs(10))
-            {
-                for v in a.json().as_array().into_iter().flatten() {
-                    let id = v["id"].as_str().unwrap_or_default();
-                    let _ = self.client.request(
-                        "DELETE",
-                        &format!("/v1/vms/{id}"),
-                        None,
-                        Duration::from_secs(60),
-                    );
-                }
-            }
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .stderr(Stdio::null())
-            .status();
-        if std::thread::panicking() {
-            eprintln!("--- daemon log:\n{}", self.log());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn manifest(name: &str, rootfs_copy: &Path) -> Value {
     let a = Artifacts::get();
@@ -583,4 +399,150 @@ fn a_vmm_that_dies_is_marked_crashed_with_its_console_and_its_pieces_reclaimed()
     let (st, _) = d.call("DELETE", "/v1/vms/vm-stop", None);
     assert_eq!(st, 204);
     assert!(!lines("ip", &["netns", "list"]).contains("orch-vm-stop"));
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn streaming_exec_delivers_output_as_it_is_written() {
+    let d = Daemon::start("stream", 15);
+    let rootfs = d.dir.join("rootfs.ext4");
+    std::fs::copy(Artifacts::get().rootfs, &rootfs).unwrap();
+    d.add_manifest(&manifest("s", &rootfs));
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"manifest": "s", "id": "vm-stream"})),
+    );
+    let script = "echo one; busybox sleep 2; echo two; echo err >&2; exit 7";
+    let body = json!({"argv": ["/bin/busybox", "sh", "-c", script]}).to_string();
+    let started = Instant::now();
+    let mut pending = String::new();
+    let mut lines: Vec<(Duration, Value)> = Vec::new();
+    let status = d
+        .client
+        .request_streaming(
+            "POST",
+            "/v1/vms/vm-stream/exec?stream=true",
+            Some(body.as_bytes()),
+            Duration::from_secs(120),
+            |chunk| {
+                pending.push_str(&String::from_utf8_lossy(chunk));
+                while let Some(i) = pending.find('\n') {
+                    let line: String = pending.drain(..=i).collect();
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                    lines.push((started.elapsed(), v));
+                }
+                true
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
+    assert_eq!(status, 200, "{lines:?}");
+    assert!(
+        pending.is_empty(),
+        "a line without its newline: {pending:?}"
+    );
+    eprintln!("streamed: {lines:?}");
+    let (first_at, first) = &lines[0];
+    assert_eq!(first, &json!({"stdout": "one\n"}), "{lines:?}");
+    let (exit_at, exit) = lines.last().unwrap();
+    assert_eq!(
+        exit,
+        &json!({"exit": {"code": 7, "signal": null, "timed_out": false}}),
+        "{lines:?}"
+    );
+    assert!(
+        *exit_at - *first_at >= Duration::from_secs(1),
+        "the first line came with the rest: {lines:?}"
+    );
+    let text = |key: &str| -> String {
+        lines
+            .iter()
+            .filter_map(|(_, v)| v[key].as_str())
+            .collect::<String>()
+    };
+    assert_eq!(text("stdout"), "one\ntwo\n", "{lines:?}");
+    assert_eq!(text("stderr"), "err\n", "{lines:?}");
+
+    // The CLI streams it too and exits with the command's code.
+    let out = Command::new(ORCHESTRATOR)
+        .arg("--socket")
+        .arg(&d.sock)
+        .args([
+            "vms",
+            "exec",
+            "vm-stream",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let (st, v) = d.call("DELETE", "/v1/vms/vm-stream", None);
+    assert_eq!(st, 204, "{v}");
+}
+
+#[test]
+#[ignore = "needs a genuine KVM: run inside the test host (tests/testhost/run)"]
+fn a_manifest_over_64_kib_reaches_the_guest_whole() {
+    let d = Daemon::start("bigman", 16);
+    let rootfs = d.dir.join("rootfs.ext4");
+    std::fs::copy(Artifacts::get().rootfs, &rootfs).unwrap();
+    let mut m = manifest("big", &rootfs);
+    // One 70 KiB variable (an env entry may hold up to 128 KiB - 1, KEY=VALUE), varied
+    // text, plus a few small ones; the workload prints the big one's length.
+    let big: String = (0..70 * 1024)
+        .map(|i| char::from(b'a' + u8::try_from(i % 26).unwrap()))
+        .collect();
+    m["env"] = json!({"VM_ROLE": "tester", "BIG": big, "SMALL_1": "1", "SMALL_2": "two"});
+    m["args"] = json!([
+        "sh",
+        "-c",
+        "echo workload-big-${#BIG}; exec busybox sleep 100000"
+    ]);
+    d.add_manifest(&m);
+    let rec = d.ok("GET", "/v1/manifests/big", None);
+    let canonical = orchestrator::manifest::Manifest::parse(rec["manifest"].to_string().as_bytes())
+        .unwrap()
+        .canonical_json();
+    assert!(canonical.len() > 64 * 1024, "{}", canonical.len());
+    let hash = rec["hash"].as_str().unwrap().to_string();
+    d.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"manifest": "big", "id": "vm-big"})),
+    );
+    let r = d.ok(
+        "POST",
+        "/v1/vms/vm-big/exec",
+        Some(json!({"argv": ["/bin/busybox", "sh", "-c",
+            "busybox wc -c < /run/manifest.json; busybox sha256sum /run/manifest.json"]})),
+    );
+    assert_eq!(r["code"], 0, "{r}");
+    let out = r["stdout"].as_str().unwrap();
+    let mut words = out.split_whitespace();
+    assert_eq!(
+        words.next().and_then(|n| n.parse::<usize>().ok()),
+        Some(canonical.len()),
+        "{r}"
+    );
+    assert_eq!(words.next(), Some(hash.as_str()), "{r}");
+    // The workload got the variable whole.
+    let start = Instant::now();
+    loop {
+        let logs = d.ok("GET", "/v1/vms/vm-big/logs", None);
+        let w = logs["workload"].as_str().unwrap_or("");
+        if w.contains(&format!("workload-big-{}", 70 * 1024)) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{logs}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (st, v) = d.call("DELETE", "/v1/vms/vm-big", None);
+    assert_eq!(st, 204, "{v}");
 }

@@ -1,12 +1,13 @@
 //! Arbitrary bytes as the guest agent's side of a connection, read by the host-side client
-//! through each request it makes (handshake, health, exec, manifest, workload status, logs):
+//! through each request it makes (handshake, health, exec, manifest, workload status, logs,
+//! resync):
 //! every answer must end in `Ok` or `Err`, never a panic, a hang or an unbounded allocation.
 
 #![no_main]
 
 use std::io::{Cursor, Read, Write};
 
-use agent::{AgentClient, ExecRequest, ManifestDelivery, RawManifest, WorkloadSpec};
+use agent::{AgentClient, ExecRequest, ManifestDelivery, RawManifest, ResyncRequest, WorkloadSpec};
 use libfuzzer_sys::fuzz_target;
 
 /// Reads come from the fuzz input; writes go nowhere.
@@ -32,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut c = AgentClient::new(Guest(Cursor::new(rest.to_vec()))).with_output_limit(1 << 16);
-    match which % 6 {
+    match which % 7 {
         0 => drop(c.hello()),
         1 => drop(c.health()),
         2 => drop(c.exec(&ExecRequest::new(["/bin/true"]))),
@@ -50,6 +51,14 @@ fuzz_target!(|data: &[u8]| {
             drop(c.send_manifest(&delivery));
         }
         4 => drop(c.workload_status()),
-        _ => drop(c.logs(0, 1 << 20)),
+        5 => drop(c.logs(0, 1 << 20)),
+        _ => {
+            let req = ResyncRequest::new(
+                1_700_000_000_000_000_000,
+                &[0x5a; 32],
+                Some("vm-fuzz".into()),
+            );
+            drop(c.resync(&req));
+        }
     }
 });

@@ -19,6 +19,7 @@ use benches::progress::{self, Progress};
 use benches::report::{self, MetricResult, Report};
 use benches::smaps;
 use benches::snapshot::{self as snap, SnapProbe};
+use benches::stats::Summary;
 use benches::testhost;
 use benches::vm::{self, GuestSpec, Inputs, NetSpec, Side};
 use clap::Parser;
@@ -92,6 +93,9 @@ enum Probe {
     Snapshot(SnapProbe, u32),
     /// One run against the orchestrator daemon (benches/src/orch.rs).
     Orch(OrchProbe),
+    /// No runs of its own: the p99 of the samples of the named workload, which comes
+    /// earlier in the same run (a p50 and a p99 from one set of runs).
+    P99Of(&'static str),
 }
 
 /// The host end of the benchmark network: a tap with this address, made by the harness.
@@ -193,11 +197,15 @@ struct Workload {
 }
 
 impl Workload {
-    /// Runs of this workload in a full run of `runs` per workload: more for the cold create
-    /// latency, whose p50/p99 issue 8 wants over at least 20 creates.
+    /// Runs of this workload in a full run of `runs` per workload: more for the cold and
+    /// templated create latencies, whose p50/p99 issue 8 wants over at least 20 creates;
+    /// none for a p99 taken from another workload's runs.
     fn full_runs(&self, runs: u32) -> u32 {
         match self.probe {
-            Probe::Orch(OrchProbe::CreateExecMs) => runs.max(orch::COLD_MIN_RUNS),
+            Probe::Orch(OrchProbe::CreateExecMs | OrchProbe::TemplateCreateExecMs) => {
+                runs.max(orch::COLD_MIN_RUNS)
+            }
+            Probe::P99Of(_) => 0,
             _ => runs,
         }
     }
@@ -206,8 +214,14 @@ impl Workload {
     fn vms_per_run(&self) -> u32 {
         match self.probe {
             Probe::Orch(p) => p.vms_per_run(),
+            Probe::P99Of(_) => 0,
             _ => 1,
         }
+    }
+
+    /// Whether it needs the orchestrator's template (built by an untimed warm-up).
+    fn uses_template(&self) -> bool {
+        matches!(self.probe, Probe::Orch(p) if p.uses_template())
     }
 }
 
@@ -376,6 +390,41 @@ fn workloads() -> Result<Vec<Workload>> {
             spec: boot(1),
             probe: Probe::Orch(OrchProbe::CreatesPerS),
             method: "the same daemon and manifest; 8 threads, each with its own client, POST /v1/vms at once; 8 divided by the seconds from the first POST to the last 201 (each 201 comes once its VM runs its workload); the 8 destroyed afterwards (untimed)",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("orch_create_exec_ms_template_p50")?,
+            spec: boot(1),
+            probe: Probe::Orch(OrchProbe::TemplateCreateExecMs),
+            method: "the same daemon; manifest `bench-tpl`: the cold manifest plus `\"template\": true`, whose template (one boot to the agent, then a snapshot) an untimed create, exec and destroy builds before the first timed run; ms from just before POST /v1/vms (the VM restored from the template) to the end of the first POST /v1/vms/{id}/exec of `/bin/busybox true` returning code 0; one VM per run, destroyed afterwards (untimed); at least 20 runs in a full run; the value is the median, ours_p99 the p99 (reported as orch_create_exec_ms_template_p99)",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("orch_create_exec_ms_template_p99")?,
+            spec: boot(1),
+            probe: Probe::P99Of("orch_create_exec_ms_template_p50"),
+            method: "the p99 of orch_create_exec_ms_template_p50's runs (the same samples, not measured again; linear interpolation between ranks, so with 20 runs it lies between the two slowest)",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("hibernate_s_per_gib")?,
+            spec: boot(1),
+            probe: Probe::Orch(OrchProbe::HibernateSPerGib),
+            method: "the same daemon and cold manifest, guest RAM 128 MiB; create, exec until code 0 (untimed), then POST /v1/vms/{id}/hibernate (pause, snapshot, stop the VMM) timed to its 200 with state `hibernated`: time from the hibernate request to the VMM stopped, scaled per GiB (seconds / 0.125); the same VM then gives one wake_exec_ms sample and is destroyed (untimed)",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("wake_exec_ms")?,
+            spec: boot(1),
+            probe: Probe::Orch(OrchProbe::WakeExecMs),
+            method: "a VM of the cold manifest created, exec'd and hibernated as for hibernate_s_per_gib; ms from just before POST /v1/vms/{id}/exec of `/bin/busybox true` on the hibernated VM (the daemon restores it first) to its 200 with code 0, one call, no retry; the runs report, in order, the samples of this session's hibernate_s_per_gib runs, and make their own VM the same way when none is left; destroyed afterwards (untimed)",
+            qemu_peer: false,
+        },
+        Workload {
+            def: def("idle_templated_vm_host_mib")?,
+            spec: boot(1),
+            probe: Probe::Orch(OrchProbe::IdleTemplatedHostMib),
+            method: "50 VMs of the template manifest `bench-tpl` created 8 at a time (untimed), then 3 s idle; the sum of their VMMs' `Pss:` in /proc/PID/smaps_rollup (pids from GET /v1/vms/{id}) divided by 50, in MiB (Pss shares pages mapped by several VMMs, such as the template's memory, among them); all destroyed afterwards (untimed)",
             qemu_peer: false,
         },
     ])
@@ -561,10 +610,30 @@ fn selected(args: &Args) -> Result<Vec<Workload>> {
             }
         }
     }
-    Ok(workloads()?
+    let all = workloads()?;
+    let listed = |list: &[String], name: &str| list.iter().any(|n| n == name);
+    let kept = |name: &str| {
+        (args.only.is_empty() || listed(&args.only, name)) && !listed(&args.skip, name)
+    };
+    // A p99 made from another workload's runs brings that workload along (`--only` of the
+    // p99 alone), and goes when that workload is left out (`--skip` of the p50).
+    let needed_by_a_kept_p99 = |name: &str| {
+        all.iter()
+            .any(|w| matches!(w.probe, Probe::P99Of(source) if source == name) && kept(w.def.name))
+            && !listed(&args.skip, name)
+    };
+    let chosen: Vec<&'static str> = all
+        .iter()
+        .map(|w| w.def.name)
+        .filter(|&name| kept(name) || needed_by_a_kept_p99(name))
+        .collect();
+    Ok(all
         .into_iter()
-        .filter(|w| args.only.is_empty() || args.only.iter().any(|n| n == w.def.name))
-        .filter(|w| !args.skip.iter().any(|n| n == w.def.name))
+        .filter(|w| chosen.contains(&w.def.name))
+        .filter(|w| match w.probe {
+            Probe::P99Of(source) => chosen.contains(&source),
+            _ => true,
+        })
         .collect())
 }
 
@@ -620,6 +689,12 @@ fn measure_once(
             bail!("{} has no peer", w.def.name);
         }
         return orch.measure(probe, timeout);
+    }
+    if let Probe::P99Of(source) = w.probe {
+        bail!(
+            "{} has no runs of its own (the p99 of {source})",
+            w.def.name
+        );
     }
     if w.probe == Probe::ApiReady {
         return api_ready_once(side, inputs, timeout);
@@ -688,6 +763,7 @@ fn measure_once(
         Probe::ApiReady => bail!("api_ready_ms is measured without a guest"),
         Probe::Snapshot(..) => bail!("snapshot workloads run their own VMs"),
         Probe::Orch(_) => bail!("orchestrator workloads run through the daemon"),
+        Probe::P99Of(_) => bail!("a p99 of another workload has no runs"),
     }
 }
 
@@ -1029,13 +1105,16 @@ fn real_main() -> Result<ExitCode> {
     };
     // Started on first use (a run found in the journal needs no daemon); dropping it
     // destroys its VMs, stops it and removes its bridge and directory.
-    let mut orch = Orch::new(OrchInputs {
-        orchestrator: repo.join("target/release/orchestrator"),
-        jailer: repo.join("target/release/jailer"),
-        vmm: staged.inputs.vmm.clone(),
-        kernel: staged.inputs.kernel.clone(),
-        rootfs: repo.join("target/guest/rootfs.ext4"),
-    });
+    let mut orch = Orch::new(
+        OrchInputs {
+            orchestrator: repo.join("target/release/orchestrator"),
+            jailer: repo.join("target/release/jailer"),
+            vmm: staged.inputs.vmm.clone(),
+            kernel: staged.inputs.kernel.clone(),
+            rootfs: repo.join("target/guest/rootfs.ext4"),
+        },
+        args.quick,
+    );
     let plan = Plan {
         runs: if args.quick { 1 } else { args.runs },
         quick: args.quick,
@@ -1077,7 +1156,7 @@ fn real_main() -> Result<ExitCode> {
     let mut extra = Vec::new();
     for w in &chosen {
         let runs = plan.runs_for(w);
-        if runs != plan.runs {
+        if runs != plan.runs && runs > 0 {
             extra.push(format!(
                 "{}: {runs} runs (at least {} for its p50/p99)",
                 w.def.name,
@@ -1108,9 +1187,10 @@ struct Plan {
 }
 
 impl Plan {
-    /// Runs of `w` per side: `--quick` runs each once.
+    /// Runs of `w` per side: `--quick` runs each once (and a p99 of another workload's
+    /// runs none).
     fn runs_for(&self, w: &Workload) -> u32 {
-        if self.quick {
+        if self.quick && w.full_runs(1) > 0 {
             self.runs
         } else {
             w.full_runs(self.runs)
@@ -1128,6 +1208,10 @@ impl Plan {
             warmups += 2;
         }
         if self.warmup && workloads.iter().any(|w| matches!(w.probe, Probe::Orch(_))) {
+            warmups += 1;
+        }
+        // The template is built before the first templated run, in `--quick` runs too.
+        if workloads.iter().any(Workload::uses_template) {
             warmups += 1;
         }
         runs + warmups
@@ -1179,10 +1263,45 @@ fn run_all(
             }
         }
     }
+    if chosen.iter().any(Workload::uses_template) {
+        // The template's build (a boot and a snapshot, seconds) is no templated run's time.
+        progress.starting("warm-up orchestrator template");
+        match orch.build_template(plan.timeout) {
+            Ok(v) => {
+                let v = format_value(v, "ms");
+                progress.finished(&format!("warm-up orchestrator template (build): {v}"));
+            }
+            Err(e) => {
+                failed += 1;
+                progress.finished(&format!("warm-up orchestrator template FAILED: {e:#}"));
+            }
+        }
+    }
     let mut measured = Vec::new();
     // Each workload's own samples, for peers derived from another metric of this run.
     let mut measured_samples: Vec<(&str, Vec<f64>)> = Vec::new();
+    // Each workload's failures and first error, for a p99 made from its runs.
+    let mut measured_failures: Vec<(&str, usize, Option<String>)> = Vec::new();
     for w in chosen {
+        if let Probe::P99Of(source) = w.probe {
+            let samples = measured_samples.iter().find(|(n, _)| *n == source);
+            let fails = measured_failures.iter().find(|(n, ..)| *n == source);
+            let result = match (samples, fails) {
+                (Some((_, ours)), Some((_, failures, first))) => {
+                    let mut r =
+                        MetricResult::p99_of(w.def, w.method, ours, *failures, first.as_deref());
+                    r.note
+                        .push_str(&orch_note(w.def.name, ours, &measured_samples, orch));
+                    r
+                }
+                _ => MetricResult::missing(
+                    w.def,
+                    &format!("not run: the p99 of {source}'s runs, which this run left out"),
+                ),
+            };
+            measured.push((w.def.name.to_string(), result));
+            continue;
+        }
         let runs = plan.runs_for(w);
         let mut s = Samples::default();
         for run in 1..=runs {
@@ -1247,6 +1366,12 @@ fn run_all(
                 .note
                 .push_str(&snapshot_note(w.def.name, &s.ours, &measured_samples));
         }
+        if let Probe::Orch(_) = w.probe {
+            result
+                .note
+                .push_str(&orch_note(w.def.name, &s.ours, &measured_samples, orch));
+        }
+        measured_failures.push((w.def.name, s.failures, s.first_error.clone()));
         measured_samples.push((w.def.name, s.ours.clone()));
         measured.push((w.def.name.to_string(), result));
     }
@@ -1310,6 +1435,56 @@ fn snapshot_note(name: &str, ours: &[f64], earlier: &[(&str, Vec<f64>)]) -> Stri
         }
         _ => String::new(),
     }
+}
+
+/// What an orchestrator metric's note adds from the run itself: for the templated create
+/// latency, its ratio to the cold one of this run (p50 to p50, p99 to p99); for the idle
+/// templated VMs, the `MemAvailable` drop per VM and, in `--quick` runs, the VM count.
+fn orch_note(name: &str, ours: &[f64], earlier: &[(&str, Vec<f64>)], orch: &mut Orch) -> String {
+    let cold = earlier
+        .iter()
+        .find(|(n, _)| *n == "orch_create_exec_ms_cold_p50")
+        .and_then(|(_, v)| Summary::of(v));
+    let ours_summary = Summary::of(ours);
+    match name {
+        "orch_create_exec_ms_template_p50" | "orch_create_exec_ms_template_p99" => {
+            let p99 = name.ends_with("p99");
+            let pick = |s: Summary| if p99 { s.p99 } else { s.median };
+            let which = if p99 { "p99" } else { "p50" };
+            match (ours_summary.map(pick), cold.map(pick)) {
+                (Some(t), Some(c)) if c > 0.0 => format!(
+                    "; ours / orch_create_exec_ms_cold_p50's {which} of this run ({}) = {:.3}x",
+                    format_value(c, "ms"),
+                    t / c
+                ),
+                _ => {
+                    "; compare with orch_create_exec_ms_cold_p50 (not measured in this run)".into()
+                }
+            }
+        }
+        "idle_templated_vm_host_mib" => idle_note(orch.idle_vms(), &orch.take_idle_drops()),
+        _ => String::new(),
+    }
+}
+
+/// The idle templated VMs' note: the VM count when `--quick` changed it, and the median
+/// `MemAvailable` drop per VM of the runs.
+fn idle_note(vms: u32, drops: &[f64]) -> String {
+    let mut note = String::new();
+    if vms != orch::IDLE_VMS {
+        note.push_str(&format!(
+            "; --quick: {vms} VMs instead of {}, so per-VM shares differ",
+            orch::IDLE_VMS
+        ));
+    }
+    if let Some(d) = Summary::of(drops) {
+        note.push_str(&format!(
+            "; host MemAvailable drop per VM (/proc/meminfo before the creates minus after the 3 s wait, divided by the VM count; includes what is not the VMMs', such as each VM's disk copy on the test host's tmpfs): median {} over {} run(s) of this session",
+            format_value(d.median, "MiB"),
+            d.n
+        ));
+    }
+    note
 }
 
 /// The peer samples of a workload qemu cannot run: vsock is compared with our own
@@ -1420,6 +1595,47 @@ mod plan_tests {
     }
 
     #[test]
+    fn the_template_p50_runs_like_the_cold_one_and_its_p99_never_runs() {
+        let all = workloads().unwrap();
+        let by_name = |n: &str| all.iter().find(|w| w.def.name == n).unwrap();
+        let p50 = by_name("orch_create_exec_ms_template_p50");
+        let p99 = by_name("orch_create_exec_ms_template_p99");
+        assert_eq!(plan(10, false).runs_for(p50), 20);
+        assert_eq!(plan(30, false).runs_for(p50), 30);
+        assert_eq!(plan(1, true).runs_for(p50), 1);
+        assert_eq!(plan(10, false).runs_for(p99), 0);
+        assert_eq!(plan(1, true).runs_for(p99), 0);
+        assert_eq!(p99.vms_per_run(), 0);
+        assert_eq!(p99.probe, Probe::P99Of("orch_create_exec_ms_template_p50"));
+        // The p99 comes after the workload it takes its samples from.
+        let at = |n: &str| all.iter().position(|w| w.def.name == n).unwrap();
+        assert!(at("orch_create_exec_ms_template_p50") < at("orch_create_exec_ms_template_p99"));
+        for name in [
+            "hibernate_s_per_gib",
+            "wake_exec_ms",
+            "idle_templated_vm_host_mib",
+        ] {
+            assert_eq!(plan(10, false).runs_for(by_name(name)), 10, "{name}");
+            assert!(!by_name(name).qemu_peer, "{name}");
+        }
+        // wake_exec_ms reuses the VMs of hibernate_s_per_gib's runs, so it comes after.
+        assert!(at("hibernate_s_per_gib") < at("wake_exec_ms"));
+        assert_eq!(by_name("idle_templated_vm_host_mib").vms_per_run(), 50);
+        let tpl: Vec<&str> = all
+            .iter()
+            .filter(|w| w.uses_template())
+            .map(|w| w.def.name)
+            .collect();
+        assert_eq!(
+            tpl,
+            [
+                "orch_create_exec_ms_template_p50",
+                "idle_templated_vm_host_mib"
+            ]
+        );
+    }
+
+    #[test]
     fn the_total_counts_each_workloads_runs_and_the_warm_ups() {
         let only = |names: &[&str]| -> Vec<Workload> {
             workloads()
@@ -1435,6 +1651,19 @@ mod plan_tests {
         let boot = only(&["boot_ready_ms_1vcpu"]);
         // Both sides, and one warm-up per side.
         assert_eq!(plan(10, false).total(&boot), 22);
+        let new = only(&[
+            "orch_create_exec_ms_template_p50",
+            "orch_create_exec_ms_template_p99",
+            "hibernate_s_per_gib",
+            "wake_exec_ms",
+            "idle_templated_vm_host_mib",
+        ]);
+        // 20 + 0 + 10 + 10 + 10 runs, the orchestrator's warm-up and the template's build.
+        assert_eq!(plan(10, false).total(&new), 52);
+        // One run each but the p99, and the template's build (in --quick runs too).
+        assert_eq!(plan(1, true).total(&new), 5);
+        let hib = only(&["hibernate_s_per_gib", "wake_exec_ms"]);
+        assert_eq!(plan(1, true).total(&hib), 2);
     }
 }
 
@@ -1457,5 +1686,109 @@ mod skip_tests {
         let bad = Args::try_parse_from(["bench", "--skip", "nope"]).unwrap();
         let e = selected(&bad).err().unwrap().to_string();
         assert!(e.contains("\"nope\" in --skip"), "{e}");
+    }
+
+    fn names(argv: &[&str]) -> Vec<&'static str> {
+        let args = Args::try_parse_from(argv).unwrap();
+        selected(&args)
+            .unwrap()
+            .iter()
+            .map(|w| w.def.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_p99_brings_its_samples_workload_along_and_goes_without_it() {
+        let (p50, p99) = (
+            "orch_create_exec_ms_template_p50",
+            "orch_create_exec_ms_template_p99",
+        );
+        assert_eq!(names(&["bench", "--only", p99]), [p50, p99]);
+        assert_eq!(names(&["bench", "--only", p50]), [p50]);
+        let only_both = format!("{p50},{p99}");
+        assert_eq!(names(&["bench", "--only", &only_both]), [p50, p99]);
+        // --skip of the p50 leaves nothing to take the p99 from.
+        let skipped = names(&["bench", "--skip", p50]);
+        assert!(
+            !skipped.contains(&p50) && !skipped.contains(&p99),
+            "{skipped:?}"
+        );
+        assert!(skipped.contains(&"wake_exec_ms"));
+        // --skip of the p99 alone keeps the p50.
+        let skipped = names(&["bench", "--skip", p99]);
+        assert!(
+            skipped.contains(&p50) && !skipped.contains(&p99),
+            "{skipped:?}"
+        );
+        let both = names(&["bench", "--only", p99, "--skip", p50]);
+        assert!(both.is_empty(), "{both:?}");
+    }
+}
+
+#[cfg(test)]
+mod orch_note_tests {
+    use super::*;
+
+    fn orch(quick: bool) -> Orch {
+        let p = PathBuf::from("/nonexistent");
+        Orch::new(
+            OrchInputs {
+                orchestrator: p.clone(),
+                jailer: p.clone(),
+                vmm: p.clone(),
+                kernel: p.clone(),
+                rootfs: p,
+            },
+            quick,
+        )
+    }
+
+    #[test]
+    fn the_template_notes_give_the_ratio_to_the_cold_create_of_the_run() {
+        let mut o = orch(false);
+        let cold: Vec<f64> = vec![3000.0, 4000.0, 5000.0];
+        let earlier = [("orch_create_exec_ms_cold_p50", cold)];
+        let tpl = [300.0, 400.0, 500.0];
+        let n = orch_note("orch_create_exec_ms_template_p50", &tpl, &earlier, &mut o);
+        assert_eq!(
+            n,
+            "; ours / orch_create_exec_ms_cold_p50's p50 of this run (4000 ms) = 0.100x"
+        );
+        let n = orch_note("orch_create_exec_ms_template_p99", &tpl, &earlier, &mut o);
+        // p99s: 498 / 4980.
+        assert_eq!(
+            n,
+            "; ours / orch_create_exec_ms_cold_p50's p99 of this run (4980 ms) = 0.100x"
+        );
+        let n = orch_note("orch_create_exec_ms_template_p50", &tpl, &[], &mut o);
+        assert_eq!(
+            n,
+            "; compare with orch_create_exec_ms_cold_p50 (not measured in this run)"
+        );
+        assert_eq!(orch_note("wake_exec_ms", &tpl, &earlier, &mut o), "");
+    }
+
+    #[test]
+    fn the_idle_note_says_when_quick_runs_fewer_vms() {
+        let mut o = orch(true);
+        let n = orch_note("idle_templated_vm_host_mib", &[5.0], &[], &mut o);
+        assert_eq!(n, "; --quick: 4 VMs instead of 50, so per-VM shares differ");
+        let mut o = orch(false);
+        assert_eq!(
+            orch_note("idle_templated_vm_host_mib", &[5.0], &[], &mut o),
+            ""
+        );
+        let n = idle_note(50, &[30.0, 10.0, 20.0]);
+        assert!(n.starts_with("; host MemAvailable drop per VM ("), "{n}");
+        assert!(
+            n.ends_with(": median 20.0 MiB over 3 run(s) of this session"),
+            "{n}"
+        );
+        let n = idle_note(4, &[7.5]);
+        assert!(n.starts_with("; --quick: 4 VMs instead of 50"), "{n}");
+        assert!(
+            n.ends_with("median 7.50 MiB over 1 run(s) of this session"),
+            "{n}"
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 mod exec;
 pub mod listen;
+pub mod resync;
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -53,6 +54,8 @@ pub struct ServerContext {
     pub on_shutdown: Box<dyn Fn(ShutdownStage) + Send + Sync>,
     /// The workload a `Manifest` starts, shared by all connections.
     pub workload: Workload,
+    /// What `Resync` changes: the guest itself ([`resync::Guest`]), or a fake in tests.
+    pub machine: Box<dyn resync::Machine>,
 }
 
 /// Why a connection ended early. The host has been sent an `Error` frame where possible.
@@ -175,6 +178,10 @@ pub fn serve<S: Read + Write>(stream: &mut S, ctx: &ServerContext) -> Result<(),
             }
             Message::Manifest(delivery) => match ctx.workload.start(&delivery) {
                 Ok(pid) => send(stream, &Message::ManifestOk(ManifestOk { pid }))?,
+                Err(e) => send_error(stream, e.code, &e.message),
+            },
+            Message::Resync(req) => match resync::handle(&req, ctx.machine.as_ref()) {
+                Ok(reply) => send(stream, &Message::ResyncOk(reply))?,
                 Err(e) => send_error(stream, e.code, &e.message),
             },
             Message::WorkloadStatus(_) => {

@@ -41,6 +41,11 @@ fn context_with(config: WorkloadConfig) -> (ServerContext, mpsc::Receiver<Shutdo
             let _ = tx.send(stage);
         }),
         workload: Workload::new(config, test_reaper()),
+        // Resync must not touch the host's clock, entropy pool or hostname.
+        machine: Box::new(super::resync::tests::FakeMachine::new(
+            1_600_000_000_000_000_000,
+            "fake-guest",
+        )),
     };
     (ctx, rx)
 }
@@ -313,7 +318,7 @@ fn unknown_reserved_and_oversized_frames_close_the_connection() {
     let cases: [(u8, u32, ErrorCode); 6] = [
         (0x99, 0, ErrorCode::Protocol),
         (0x00, 0, ErrorCode::Protocol),
-        (0x44, 0, ErrorCode::Unsupported),
+        (0x46, 0, ErrorCode::Unsupported),
         (0x62, 0, ErrorCode::Unsupported),
         // A defined type with an empty (so not JSON) payload.
         (FrameType::Manifest.as_u8(), 0, ErrorCode::Protocol),
@@ -683,4 +688,55 @@ fn logs_are_capped_bounded_in_chunks_and_report_drops() {
     assert_eq!(got, 200_000);
     c.health().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resync_over_the_connection_with_a_fake_machine() {
+    let (ctx, _stages) = context();
+    let ctx = Arc::new(ctx);
+    let mut c = client_on(&ctx);
+    // The fake guest's clock is at 1_600_000_000 s; the host is at 1_600_000_100.5 s.
+    let req = agent::ResyncRequest::new(1_600_000_100_500_000_000, &[9; 48], Some("c-1".into()));
+    let reply = c.resync(&req).unwrap();
+    assert_eq!(reply.clock_step_ms, 100_500);
+    assert!(reply.entropy_credited);
+    assert_eq!(reply.hostname, "c-1");
+    // Bad values are refused with bad_request and the connection goes on; the client
+    // refuses them itself, so write the frames by hand.
+    let payloads = [
+        format!(r#"{{"unix_time_ns":1,"seed":"{}"}}"#, "00".repeat(31)),
+        format!(r#"{{"unix_time_ns":1,"seed":"{}"}}"#, "00".repeat(257)),
+        format!(r#"{{"unix_time_ns":1,"seed":"{}0"}}"#, "00".repeat(32)),
+        format!(r#"{{"unix_time_ns":1,"seed":"{}xy"}}"#, "00".repeat(32)),
+        format!(
+            r#"{{"unix_time_ns":1,"seed":"{}","hostname":"a_b"}}"#,
+            "00".repeat(32)
+        ),
+    ];
+    for p in &payloads {
+        let s = c.get_mut();
+        write_frame(s, FrameType::Resync, p.as_bytes()).unwrap();
+        let Message::Error(e) = read_message(s).unwrap() else {
+            panic!("expected an Error frame");
+        };
+        assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+    }
+    // None of them changed anything: the hostname is still the one set above.
+    let reply = c
+        .resync(&agent::ResyncRequest::new(
+            1_600_000_100_500_000_000,
+            &[1; 32],
+            None,
+        ))
+        .unwrap();
+    assert_eq!((reply.clock_step_ms, reply.hostname.as_str()), (0, "c-1"));
+    c.health().unwrap();
+    // A payload that is not a resync request at all is a protocol error: the agent closes.
+    let s = c.get_mut();
+    write_frame(s, FrameType::Resync, br#"{"seed":"00"}"#).unwrap();
+    let Message::Error(e) = read_message(s).unwrap() else {
+        panic!("expected an Error frame");
+    };
+    assert_eq!(e.code, ErrorCode::Protocol);
+    assert!(matches!(read_message(s), Err(FrameError::Closed)));
 }

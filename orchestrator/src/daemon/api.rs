@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::vm::{self, ErrorKind, OpError};
 use super::Daemon;
-use super::{exec, hibernate};
+use super::{exec, forward, hibernate};
 use crate::manifest::{FieldError, Manifest, MAX_MANIFEST_BYTES};
 use crate::store::VmState;
 
@@ -165,6 +166,8 @@ struct CreateBody {
     manifest: String,
     #[serde(default)]
     id: Option<String>,
+    #[serde(default)]
+    port_forward: Option<crate::store::PortForward>,
 }
 
 async fn create_vm(State(d): State<Shared>, body: Bytes) -> Result<Response, OpError> {
@@ -172,8 +175,25 @@ async fn create_vm(State(d): State<Shared>, body: Bytes) -> Result<Response, OpE
     let id = b.id.clone().unwrap_or_else(vm::new_vm_id);
     let lock = d.vm_lock(&id);
     let _g = lock.lock().await;
-    let rec = blocking(&d, move |d| vm::create(d, &b.manifest, Some(id))).await?;
+    // The forward's host port is taken first: one in use fails the create with nothing made.
+    let listener = match b.port_forward {
+        Some(pf) => Some((pf, forward::bind(&id, pf)?)),
+        None => None,
+    };
+    let pf = b.port_forward;
+    let rec = blocking(&d, move |d| {
+        let rec = vm::create(d, &b.manifest, Some(id.clone()))?;
+        if pf.is_some() {
+            d.with_store(|s| s.set_port_forward(&id, pf))?;
+            return Ok(d.with_store(|s| s.get_vm(&id))?);
+        }
+        Ok(rec)
+    })
+    .await?;
     vm::watch(Arc::clone(&d), rec.id.clone());
+    if let Some((pf, l)) = listener {
+        forward::spawn(&d, &rec.id, pf, l);
+    }
     Ok((StatusCode::CREATED, axum::Json(json!(rec))).into_response())
 }
 
@@ -221,14 +241,48 @@ async fn wake_vm(
 ) -> Result<axum::Json<Value>, OpError> {
     let _busy = hibernate::ensure_awake(&d, &id).await?;
     let rec = blocking(&d, move |d| Ok(d.with_store(|s| s.get_vm(&id))?)).await?;
+    if rec.state != VmState::Running {
+        // Only a hibernated VM is woken; a stopped or crashed one stays as it is.
+        return Err(OpError::new(
+            ErrorKind::Conflict,
+            format!("VM {} is {}, not hibernated", rec.id, rec.state),
+        ));
+    }
     Ok(axum::Json(json!(rec)))
 }
 
+#[derive(Deserialize)]
+struct ExecQuery {
+    #[serde(default)]
+    stream: bool,
+}
+
+/// Runs a command. Without streaming, answers `{"stdout", "stderr", "code", "signal",
+/// "timed_out"}` once it ends. With `?stream=true` (or `Accept: application/x-ndjson`),
+/// answers 200 at once with NDJSON lines as output arrives: `{"stdout": text}`,
+/// `{"stderr": text}`, then `{"exit": {"code", "signal", "timed_out"}}`, or `{"error":
+/// message}` if it fails on the way. What fails before the command starts (a bad body, an
+/// unknown or stopped VM, no agent) is a normal JSON error either way.
 async fn exec_vm(
     State(d): State<Shared>,
     Path(id): Path<String>,
+    query: Result<Query<ExecQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<axum::Json<Value>, OpError> {
+) -> Result<Response, OpError> {
+    let Query(q) = query.map_err(|e| OpError {
+        kind: ErrorKind::BadRequest,
+        message: format!("invalid query: {}", e.body_text()),
+        fields: vec![FieldError {
+            path: "stream".into(),
+            reason: e.body_text(),
+        }],
+    })?;
+    let stream = q.stream
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains(NDJSON));
     let b: exec::ExecBody = parse_body(&body)?;
     if b.argv.is_empty() {
         return Err(OpError {
@@ -240,10 +294,31 @@ async fn exec_vm(
             }],
         });
     }
-    let _busy = hibernate::ensure_awake(&d, &id).await?;
-    let out = blocking(&d, move |d| exec::exec(d, &id, &b)).await?;
-    Ok(axum::Json(json!(out)))
+    let busy = hibernate::ensure_awake_for_agent(&d, &id).await?;
+    if !stream {
+        let out = blocking(&d, move |d| exec::exec(d, &id, &b)).await?;
+        drop(busy);
+        return Ok(axum::Json(json!(out)).into_response());
+    }
+    let prepared = blocking(&d, move |d| exec::prepare(d, &id, &b)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::task::spawn_blocking(move || {
+        exec::run_streaming(prepared, |line| tx.blocking_send(line).is_ok());
+    });
+    // The VM stays busy (not hibernated) until the stream ends or the client goes away.
+    let lines = futures_util::stream::unfold((rx, busy), |(mut rx, busy)| async move {
+        let line = rx.recv().await?;
+        Some((Ok::<_, Infallible>(line), (rx, busy)))
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, NDJSON)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(lines))
+        .unwrap_or_default())
 }
+
+/// Newline-delimited JSON, one object per line.
+const NDJSON: &str = "application/x-ndjson";
 
 #[derive(Deserialize)]
 struct LogsQuery {
@@ -256,7 +331,7 @@ async fn vm_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<axum::Json<Value>, OpError> {
-    let _busy = hibernate::ensure_awake(&d, &id).await?;
+    let _busy = hibernate::ensure_awake_for_agent(&d, &id).await?;
     let logs = blocking(&d, move |d| exec::logs(d, &id, q.offset)).await?;
     Ok(axum::Json(json!(logs)))
 }
@@ -343,16 +418,38 @@ async fn metrics(State(d): State<Shared>) -> Result<Response, OpError> {
     out.push_str(&format!("orchestrator_leases_used {}\n", usage.used));
     out.push_str("# HELP orchestrator_leases_total Leasable addresses.\n# TYPE orchestrator_leases_total gauge\n");
     out.push_str(&format!("orchestrator_leases_total {}\n", usage.total));
-    let lat = match d.latencies.lock() {
-        Ok(g) => (g.create.clone(), g.destroy.clone()),
-        Err(p) => {
-            let g = p.into_inner();
-            (g.create.clone(), g.destroy.clone())
-        }
+    let (create, destroy, hib, wake, hibernations, wakes) = {
+        let g = d.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            g.create.clone(),
+            g.destroy.clone(),
+            g.hibernate.clone(),
+            g.wake.clone(),
+            g.hibernations,
+            g.wakes,
+        )
     };
+    for (name, what, n) in [
+        (
+            "hibernations",
+            "Hibernations since the daemon started.",
+            hibernations,
+        ),
+        (
+            "wakes",
+            "Wakes (snapshot restores) since the daemon started.",
+            wakes,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP orchestrator_{name}_total {what}\n# TYPE orchestrator_{name}_total counter\norchestrator_{name}_total {n}\n"
+        ));
+    }
     for (name, what, samples) in [
-        ("create", "VM create to running", &lat.0),
-        ("destroy", "VM destroy", &lat.1),
+        ("create", "VM create to running", &create),
+        ("destroy", "VM destroy", &destroy),
+        ("hibernate", "VM hibernate (pause to VMM stopped)", &hib),
+        ("wake", "VM wake (restore to agent answering)", &wake),
     ] {
         out.push_str(&format!(
             "# HELP orchestrator_{name}_seconds {what} latency (last 1024).\n# TYPE orchestrator_{name}_seconds summary\n"

@@ -8,8 +8,10 @@
 
 pub mod api;
 pub mod exec;
+pub mod forward;
 pub mod hibernate;
 pub mod reconcile;
+pub mod template;
 pub mod vm;
 
 use std::collections::HashMap;
@@ -73,6 +75,14 @@ pub struct Latencies {
     pub create: Vec<f64>,
     /// Destroy, seconds.
     pub destroy: Vec<f64>,
+    /// Hibernate (pause to VMM stopped), seconds.
+    pub hibernate: Vec<f64>,
+    /// Wake (restore to agent answering), seconds.
+    pub wake: Vec<f64>,
+    /// Hibernations since the daemon started.
+    pub hibernations: u64,
+    /// Wakes (restores) since the daemon started.
+    pub wakes: u64,
 }
 
 impl Latencies {
@@ -96,6 +106,14 @@ pub struct Daemon {
     pub latencies: Mutex<Latencies>,
     /// Per-VM use: operations in flight and the last time one ended (idle hibernation).
     pub activity: Mutex<HashMap<String, Activity>>,
+    /// Content hashes of kernels, images and the VMM (template keys).
+    pub file_hashes: template::HashCache,
+    /// Per-manifest template build locks.
+    pub template_locks: template::Locks,
+    /// Port forward listeners, by VM.
+    pub forwards: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// Per-VM limits on the daemon's agent connections (guest-init serves a few at once).
+    pub agent_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// How busy a VM is.
@@ -108,6 +126,31 @@ pub struct Activity {
 }
 
 impl Daemon {
+    /// A daemon on `config` and its opened `store`, with nothing in flight.
+    pub fn new(config: Config, store: Store) -> Daemon {
+        Daemon {
+            config,
+            store: Mutex::new(store),
+            vm_locks: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(Latencies::default()),
+            activity: Mutex::new(HashMap::new()),
+            file_hashes: template::HashCache::default(),
+            template_locks: template::Locks::default(),
+            forwards: Mutex::new(HashMap::new()),
+            agent_slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The semaphore bounding the daemon's agent connections to VM `id`.
+    pub fn agent_slots(&self, id: &str) -> Arc<tokio::sync::Semaphore> {
+        self.agent_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(hibernate::AGENT_SLOTS)))
+            .clone()
+    }
+
     /// Runs `f` with the database.
     pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
         let mut guard = match self.store.lock() {
@@ -148,13 +191,32 @@ impl Daemon {
         }
     }
 
-    /// VM `id`'s activity (none recorded: idle since `now`).
+    /// VM `id`'s activity (none recorded yet: idle from now on).
     pub fn activity(&self, id: &str) -> Activity {
-        let a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
-        a.get(id).copied().unwrap_or(Activity {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        *a.entry(id.to_string()).or_insert(Activity {
             inflight: 0,
             last: std::time::Instant::now(),
         })
+    }
+
+    /// The lock serialising builds of manifest `name`'s template.
+    pub fn template_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        self.template_locks.get(name)
+    }
+
+    /// Records a hibernation's duration.
+    pub fn record_hibernation(&self, seconds: f64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        Latencies::push(&mut l.hibernate, seconds);
+        l.hibernations += 1;
+    }
+
+    /// Records a wake's duration.
+    pub fn record_wake(&self, seconds: f64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        Latencies::push(&mut l.wake, seconds);
+        l.wakes += 1;
     }
 
     /// Records a latency sample.
@@ -211,13 +273,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.db_path())?;
     crate::netsetup::ensure_host(&vm::host_net(&config)).context("set up the host network")?;
 
-    let daemon = Arc::new(Daemon {
-        config,
-        store: Mutex::new(store),
-        vm_locks: Mutex::new(HashMap::new()),
-        latencies: Mutex::new(Latencies::default()),
-        activity: Mutex::new(HashMap::new()),
-    });
+    let daemon = Arc::new(Daemon::new(config, store));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -234,6 +290,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         for id in report.adopted.iter() {
             vm::watch(Arc::clone(&daemon), id.clone());
         }
+        forward::restore_all(&daemon);
+        tokio::spawn(hibernate::idle_loop(Arc::clone(&daemon)));
         api::serve(daemon).await
     })
 }

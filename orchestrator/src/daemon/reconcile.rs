@@ -6,6 +6,8 @@
 //! - `creating` and `destroying` VMs were cut short: torn down and forgotten (lease
 //!   released), whatever step they had reached.
 //! - `stopped`, `crashed` and `hibernated` VMs keep their rows; a leftover VMM is stopped.
+//!   A running VM a hibernation was cut short in is resumed; a hibernated one keeps only
+//!   the snapshot its row names (see `hibernate`).
 //! - Host pieces no row accounts for (netns `orch-*`, host veths, jail and per-VM
 //!   directories) are removed, after stopping any VMM still in their cgroup.
 
@@ -14,6 +16,7 @@ use std::fmt;
 
 use super::vm::{self, JailReport};
 use super::Daemon;
+use super::{hibernate, template};
 use crate::netsetup;
 use crate::store::VmState;
 
@@ -26,8 +29,10 @@ pub struct Report {
     pub crashed: Vec<String>,
     /// Half-created or half-destroyed VMs removed.
     pub cleaned: Vec<String>,
-    /// Host pieces without a VM removed (netns, directories).
+    /// Host pieces without a VM removed (netns, directories, half-built templates).
     pub orphans: Vec<String>,
+    /// Hibernated VMs checked (no VMM left, only their current snapshot kept).
+    pub hibernated: Vec<String>,
 }
 
 impl fmt::Display for Report {
@@ -63,6 +68,16 @@ pub fn reconcile(d: &Daemon) -> anyhow::Result<Report> {
             VmState::Running => {
                 let alive = matches!((v.pid, v.pid_start_time), (Some(p), Some(t)) if vm::process_alive(p, t));
                 if alive {
+                    // A hibernation cut short may have left it paused (its snapshot is
+                    // not recorded, so it is still this running VM): resume it.
+                    if let (Some(j), Some(ip)) = (JailReport::load(&d.config.vm_dir(&v.id)), v.ip) {
+                        hibernate::resume_quietly(&j, vm::vm_uid(d, ip));
+                    }
+                    let current = d.with_store(|s| s.latest_snapshot(&v.id, hibernate::KIND))?;
+                    hibernate::prune_snapshots(
+                        &d.config.vm_dir(&v.id),
+                        current.as_ref().map(|s| s.vmstate_path.as_path()),
+                    );
                     r.adopted.push(v.id.clone());
                 } else {
                     let tail = JailReport::load(&d.config.vm_dir(&v.id))
@@ -82,10 +97,19 @@ pub fn reconcile(d: &Daemon) -> anyhow::Result<Report> {
                 d.with_store(|s| s.destroy_vm(&v.id))?;
                 r.cleaned.push(v.id.clone());
             }
-            VmState::Stopped | VmState::Crashed | VmState::Hibernated => {
-                if v.state != VmState::Hibernated {
-                    vm::teardown(d, &v.id);
-                }
+            VmState::Hibernated => {
+                // A VMM left by a hibernation after its commit, or by a wake cut short.
+                vm::release_vmm(d, &v.id);
+                d.with_store(|s| s.clear_process(&v.id))?;
+                let current = d.with_store(|s| s.latest_snapshot(&v.id, hibernate::KIND))?;
+                hibernate::prune_snapshots(
+                    &d.config.vm_dir(&v.id),
+                    current.as_ref().map(|s| s.vmstate_path.as_path()),
+                );
+                r.hibernated.push(v.id.clone());
+            }
+            VmState::Stopped | VmState::Crashed => {
+                vm::teardown(d, &v.id);
             }
         }
     }
@@ -111,6 +135,7 @@ pub fn reconcile(d: &Daemon) -> anyhow::Result<Report> {
             }
         }
     }
+    r.orphans.extend(template::clean_partial(d));
     let known_list: Vec<String> = known.iter().cloned().collect();
     for o in netsetup::list_orphans(&known_list).unwrap_or_default() {
         if netsetup::remove_orphan(&o).unwrap_or(false) {

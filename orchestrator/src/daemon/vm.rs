@@ -136,7 +136,7 @@ impl JailReport {
 
 /// Points of create and destroy where a test can kill the daemon (`kill -9`) to check that
 /// a restart reconciles whatever was half done.
-pub const KILL_POINTS: [&str; 12] = [
+pub const KILL_POINTS: [&str; 22] = [
     "create:leased",
     "create:disk",
     "create:network",
@@ -149,11 +149,21 @@ pub const KILL_POINTS: [&str; 12] = [
     "destroy:vmm-stopped",
     "destroy:network-removed",
     "destroy:files-removed",
+    "hibernate:paused",
+    "hibernate:written",
+    "hibernate:renamed",
+    "hibernate:committed",
+    "hibernate:released",
+    "wake:jailer",
+    "wake:jail-report",
+    "wake:process",
+    "wake:agent",
+    "wake:resynced",
 ];
 
 /// Test hook (debug builds only): with `ORCHESTRATOR_TEST_KILL_AT=<point>` in its
 /// environment the daemon SIGKILLs itself on reaching that point of [`KILL_POINTS`].
-fn kill_point(name: &str) {
+pub(crate) fn kill_point(name: &str) {
     #[cfg(debug_assertions)]
     if std::env::var("ORCHESTRATOR_TEST_KILL_AT").is_ok_and(|v| v == name) {
         eprintln!("orchestrator: test hook: killing the daemon at {name}");
@@ -223,7 +233,7 @@ pub fn create(d: &Daemon, manifest_name: &str, id: Option<String>) -> Result<VmR
 }
 
 /// The uid/gid a VM's VMM runs as: unique among live VMs, since leases are.
-fn vm_uid(d: &Daemon, ip: std::net::Ipv4Addr) -> u32 {
+pub(crate) fn vm_uid(d: &Daemon, ip: std::net::Ipv4Addr) -> u32 {
     let index = u32::from(ip) - u32::from(d.config.subnet.network());
     d.config.uid_base + index
 }
@@ -240,31 +250,28 @@ fn boot(
     let vm_dir = c.vm_dir(id);
     super::ensure_private_dir(&vm_dir).map_err(OpError::internal)?;
 
-    // The disk: shared read-only, or a private copy (reflinked where the filesystem can).
+    // From a template snapshot when the manifest asks for one (built on first use).
+    let template = if m.template {
+        Some(super::template::ensure(d, m)?)
+    } else {
+        None
+    };
+
+    // The disk: shared read-only, or a private copy (reflinked where the filesystem can)
+    // of the image, or of the template's disk as it was when the template was taken.
     let disk = if m.rootfs.read_only {
         m.rootfs.path.clone()
     } else {
         let copy = vm_dir.join("rootfs.img");
-        let st = Command::new("cp")
-            .arg("--reflink=auto")
-            .arg("--sparse=always")
-            .arg(&m.rootfs.path)
-            .arg(&copy)
-            .status()
-            .map_err(|e| OpError::internal(format!("VM {id}: run cp: {e}")))?;
-        if !st.success() {
-            return Err(OpError::internal(format!(
-                "VM {id}: copying {} to {} failed ({st})",
-                m.rootfs.path.display(),
-                copy.display()
-            )));
-        }
+        let src = template
+            .as_ref()
+            .map_or(m.rootfs.path.clone(), |t| t.disk.clone());
+        copy_disk(id, &src, &copy)?;
         copy
     };
 
     kill_point("create:disk");
     let netns = netns_name(id);
-    let mut kernel_args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
     if m.network.enabled {
         netsetup::create_vm_net(
             &host_net(c),
@@ -277,36 +284,175 @@ fn boot(
             },
         )
         .map_err(|e| OpError::internal(format!("VM {id}: network: {e}")))?;
-        kernel_args.push(' ');
-        kernel_args.push_str(&netsetup::guest_kernel_ip_param());
     } else {
         // Its own empty namespace all the same: no host interfaces visible.
         netsetup::create_offline_netns(id)
             .map_err(|e| OpError::internal(format!("VM {id}: network namespace: {e}")))?;
     }
-    kernel_args.push_str(&format!(" gi.agent={}", m.agent_port));
     kill_point("create:network");
 
+    let start = match &template {
+        Some(t) => Start::Restore {
+            vmstate: &t.vmstate,
+            memory: &t.memory,
+        },
+        None => Start::Boot {
+            cmdline: kernel_cmdline(m),
+        },
+    };
+    let spawn = Spawn {
+        id,
+        m,
+        uid,
+        disk: &disk,
+        netns: &netns,
+        start,
+    };
+    let report = spawn_vmm(c, &spawn)?;
+    let pid = record_process(d, id, &report, "create")?;
+
+    // The agent answers once guest-init is up; then the workload gets its manifest.
+    let mut client = wait_for_agent(&report, m.agent_port, d.config.ready_timeout, pid, id)?;
+    kill_point("create:agent");
+    if template.is_some() {
+        // A clone: its own clock, RNG seed and hostname before anything runs.
+        resync(&mut client, id)?;
+    }
+    let delivery = agent::ManifestDelivery {
+        vm_id: id.to_string(),
+        hostname: id.to_string(),
+        workload: agent::WorkloadSpec {
+            argv: std::iter::once(m.entrypoint.clone())
+                .chain(m.args.iter().cloned())
+                .collect(),
+            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            cwd: Some(m.working_dir.clone()),
+        },
+        manifest: agent::RawManifest::from_value(&m.to_value())
+            .map_err(|e| OpError::internal(format!("VM {id}: manifest: {e}")))?,
+    };
+    client
+        .send_manifest(&delivery)
+        .map_err(|e| OpError::internal(format!("VM {id}: delivering the manifest: {e}")))?;
+    kill_point("create:manifest");
+    Ok(())
+}
+
+/// Sends the guest a Resync: the host's time, a fresh RNG seed and its hostname.
+pub(crate) fn resync(
+    client: &mut agent::AgentClient<std::os::unix::net::UnixStream>,
+    id: &str,
+) -> Result<(), OpError> {
+    let req = agent::ResyncRequest::now(Some(id.to_string()))
+        .map_err(|e| OpError::internal(format!("VM {id}: resync request: {e}")))?;
+    client
+        .resync(&req)
+        .map_err(|e| OpError::internal(format!("VM {id}: resync: {e}")))?;
+    Ok(())
+}
+
+/// Copies a disk image for a VM (reflinked where the filesystem can, sparse otherwise).
+pub(crate) fn copy_disk(id: &str, src: &Path, dst: &Path) -> Result<(), OpError> {
+    let st = Command::new("cp")
+        .arg("--reflink=auto")
+        .arg("--sparse=always")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .map_err(|e| OpError::internal(format!("VM {id}: run cp: {e}")))?;
+    if !st.success() {
+        return Err(OpError::internal(format!(
+            "VM {id}: copying {} to {} failed ({st})",
+            src.display(),
+            dst.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The guest kernel command line of a manifest's VMs (the same for all of them: the guest
+/// side of the network is identical in every VM, so a template's snapshot fits any clone).
+pub(crate) fn kernel_cmdline(m: &Manifest) -> String {
+    let mut args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+    if m.network.enabled {
+        args.push(' ');
+        args.push_str(&netsetup::guest_kernel_ip_param());
+    }
+    args.push_str(&format!(" gi.agent={}", m.agent_port));
+    args
+}
+
+/// The VMM's API socket inside its jail.
+pub const API_IN_JAIL: &str = "/api.sock";
+/// Where a snapshot's files are put in the jail for a restore.
+const VMSTATE_IN_JAIL: &str = "/snapshot.vmstate";
+const MEMORY_IN_JAIL: &str = "/snapshot.mem";
+
+/// How a VMM starts.
+pub(crate) enum Start<'a> {
+    /// Boot the manifest's kernel with this command line.
+    Boot {
+        /// The kernel command line.
+        cmdline: String,
+    },
+    /// Restore a snapshot (host paths) and resume it at once.
+    Restore {
+        /// The vmstate file.
+        vmstate: &'a Path,
+        /// The memory file (mapped copy-on-write, never written).
+        memory: &'a Path,
+    },
+}
+
+/// One jailed VMM to start.
+pub(crate) struct Spawn<'a> {
+    /// Its id (jail, cgroups, hostname).
+    pub id: &'a str,
+    /// The manifest it runs.
+    pub m: &'a Manifest,
+    /// Its uid and gid.
+    pub uid: u32,
+    /// The host path of its disk.
+    pub disk: &'a Path,
+    /// Its network namespace (under /run/netns).
+    pub netns: &'a str,
+    /// Boot or restore.
+    pub start: Start<'a>,
+}
+
+/// Starts a jailed, daemonized VMM; returns the jailer's report.
+pub(crate) fn spawn_vmm(c: &super::Config, s: &Spawn<'_>) -> Result<JailReport, OpError> {
+    let (id, m) = (s.id, s.m);
     let mut cmd = Command::new(&c.jailer);
     cmd.args(["--id", id])
         .arg("--exec-file")
         .arg(&c.vmm)
-        .args(["--uid", &uid.to_string(), "--gid", &uid.to_string()])
+        .args(["--uid", &s.uid.to_string(), "--gid", &s.uid.to_string()])
         .arg("--chroot-base-dir")
         .arg(c.jail_base())
         .arg("--netns")
-        .arg(Path::new("/run/netns").join(&netns))
+        .arg(Path::new("/run/netns").join(s.netns))
         .args(["--parent-cgroup", CGROUP_PARENT])
-        .args(["--mount-proc", "--daemonize", "--json"])
-        .arg("--file")
-        .arg(format!("{}:/vmlinux", m.kernel.display()));
-    if let Some(initrd) = &m.initrd {
-        cmd.arg("--file")
-            .arg(format!("{}:/initrd", initrd.display()));
+        .args(["--mount-proc", "--daemonize", "--json"]);
+    match &s.start {
+        Start::Boot { .. } => {
+            cmd.arg("--file")
+                .arg(format!("{}:/vmlinux", m.kernel.display()));
+            if let Some(initrd) = &m.initrd {
+                cmd.arg("--file")
+                    .arg(format!("{}:/initrd", initrd.display()));
+            }
+        }
+        Start::Restore { vmstate, memory } => {
+            cmd.arg("--file")
+                .arg(format!("{}:{VMSTATE_IN_JAIL}", vmstate.display()))
+                .arg("--file")
+                .arg(format!("{}:{MEMORY_IN_JAIL}", memory.display()));
+        }
     }
     let rw = if m.rootfs.read_only { "" } else { ":rw" };
     cmd.arg("--file")
-        .arg(format!("{}:/rootfs.img{rw}", disk.display()));
+        .arg(format!("{}:/rootfs.img{rw}", s.disk.display()));
     for lib in shared_libraries(&c.vmm) {
         cmd.arg("--file")
             .arg(format!("{}:{}", lib.display(), lib.display()));
@@ -328,29 +474,45 @@ fn boot(
         cmd.arg("--resource-limit").arg(format!("no-file={n}"));
     }
     cmd.arg("--");
-    cmd.args(["--kernel", "/vmlinux"]);
-    if m.initrd.is_some() {
-        cmd.args(["--initrd", "/initrd"]);
+    match &s.start {
+        Start::Boot { cmdline } => {
+            cmd.args(["--kernel", "/vmlinux"]);
+            if m.initrd.is_some() {
+                cmd.args(["--initrd", "/initrd"]);
+            }
+            cmd.args(["--vcpus", &m.vcpus.to_string()])
+                .args(["--memory-mib", &m.memory_mib.to_string()])
+                .arg("--drive")
+                .arg(format!(
+                    "path=/rootfs.img,id=rootfs,root=true,readonly={}",
+                    m.rootfs.read_only
+                ))
+                .arg("--vsock")
+                .arg(format!("cid={GUEST_CID},uds={VSOCK_IN_JAIL}"));
+            if m.network.enabled {
+                // The guest side is the same in every VM (its netns translates to the
+                // lease).
+                cmd.arg("--net").arg(format!(
+                    "tap={},mac={}",
+                    netsetup::TAP_NAME,
+                    netsetup::GUEST_MAC
+                ));
+            }
+            cmd.args(["--cmdline", cmdline]);
+        }
+        Start::Restore { .. } => {
+            // Disk, tap and vsock paths are the snapshot's own: every jail and netns lays
+            // them out the same way.
+            cmd.args([
+                "--restore",
+                VMSTATE_IN_JAIL,
+                "--memory",
+                MEMORY_IN_JAIL,
+                "--resume",
+            ]);
+        }
     }
-    cmd.args(["--vcpus", &m.vcpus.to_string()])
-        .args(["--memory-mib", &m.memory_mib.to_string()])
-        .args(["--console", CONSOLE_IN_JAIL])
-        .arg("--drive")
-        .arg(format!(
-            "path=/rootfs.img,id=rootfs,root=true,readonly={}",
-            m.rootfs.read_only
-        ))
-        .arg("--vsock")
-        .arg(format!("cid={GUEST_CID},uds={VSOCK_IN_JAIL}"));
-    if m.network.enabled {
-        // The guest side is the same in every VM (its netns translates to the lease).
-        cmd.arg("--net").arg(format!(
-            "tap={},mac={}",
-            netsetup::TAP_NAME,
-            netsetup::GUEST_MAC
-        ));
-    }
-    cmd.args(["--cmdline", &kernel_args]);
+    cmd.args(["--console", CONSOLE_IN_JAIL, "--api-sock", API_IN_JAIL]);
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -363,43 +525,31 @@ fn boot(
         )));
     }
     let line = String::from_utf8_lossy(&out.stdout);
-    let report: JailReport = serde_json::from_str(line.lines().next().unwrap_or(""))
-        .map_err(|e| OpError::internal(format!("VM {id}: jailer report {line:?}: {e}")))?;
-    kill_point("create:jailer");
+    serde_json::from_str(line.lines().next().unwrap_or(""))
+        .map_err(|e| OpError::internal(format!("VM {id}: jailer report {line:?}: {e}")))
+}
+
+/// Keeps a started VMM's report (`jail.json`) and records its process; `phase` names the
+/// kill points passed (`create` or `wake`). Returns the pid.
+pub(crate) fn record_process(
+    d: &Daemon,
+    id: &str,
+    report: &JailReport,
+    phase: &str,
+) -> Result<u32, OpError> {
+    kill_point(&format!("{phase}:jailer"));
+    let vm_dir = d.config.vm_dir(id);
     let tmp = vm_dir.join("jail.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&report).unwrap_or_default())
+    std::fs::write(&tmp, serde_json::to_vec(report).unwrap_or_default())
         .and_then(|()| std::fs::rename(&tmp, vm_dir.join("jail.json")))
         .map_err(|e| OpError::internal(format!("VM {id}: write jail.json: {e}")))?;
-    kill_point("create:jail-report");
+    kill_point(&format!("{phase}:jail-report"));
     let pid = u32::try_from(report.pid).map_err(OpError::internal)?;
     let start_time = crate::store::process_start_time(pid)
         .map_err(|e| OpError::internal(format!("VM {id}: its VMM (pid {pid}) is gone: {e}")))?;
-    d.with_store(|s| s.set_process(id, pid, start_time, &report.jail_dir, &netns))?;
-    kill_point("create:process");
-
-    // The agent answers once guest-init is up; then the workload gets its manifest.
-    let uds = report.jail_root.join(VSOCK_IN_JAIL.trim_start_matches('/'));
-    let mut client = wait_for_agent(&uds, m.agent_port, d.config.ready_timeout, pid, id)
-        .map_err(|e| with_console(e, &report.jail_root))?;
-    kill_point("create:agent");
-    let delivery = agent::ManifestDelivery {
-        vm_id: id.to_string(),
-        hostname: id.to_string(),
-        workload: agent::WorkloadSpec {
-            argv: std::iter::once(m.entrypoint.clone())
-                .chain(m.args.iter().cloned())
-                .collect(),
-            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            cwd: Some(m.working_dir.clone()),
-        },
-        manifest: agent::RawManifest::from_value(&m.to_value())
-            .map_err(|e| OpError::internal(format!("VM {id}: manifest: {e}")))?,
-    };
-    client
-        .send_manifest(&delivery)
-        .map_err(|e| OpError::internal(format!("VM {id}: delivering the manifest: {e}")))?;
-    kill_point("create:manifest");
-    Ok(())
+    d.with_store(|s| s.set_process(id, pid, start_time, &report.jail_dir, &netns_name(id)))?;
+    kill_point(&format!("{phase}:process"));
+    Ok(pid)
 }
 
 fn with_console(mut e: OpError, jail_root: &Path) -> OpError {
@@ -411,39 +561,46 @@ fn with_console(mut e: OpError, jail_root: &Path) -> OpError {
     e
 }
 
-/// Connects to the agent and checks its health, retrying until `timeout`; fails early if
-/// the VMM process is gone.
-fn wait_for_agent(
-    uds: &Path,
+/// Connects to the agent of the VMM in `report`'s jail and checks its health, retrying
+/// until `timeout`; fails early if the VMM process is gone. Errors carry the console tail.
+pub(crate) fn wait_for_agent(
+    report: &JailReport,
     port: u32,
     timeout: Duration,
     pid: u32,
     id: &str,
 ) -> Result<agent::AgentClient<std::os::unix::net::UnixStream>, OpError> {
+    let uds = report.jail_root.join(VSOCK_IN_JAIL.trim_start_matches('/'));
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no attempt");
     loop {
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(OpError::internal(format!(
-                "VM {id}: its VMM (pid {pid}) exited while booting"
-            )));
+            return Err(with_console(
+                OpError::internal(format!(
+                    "VM {id}: its VMM (pid {pid}) exited while starting"
+                )),
+                &report.jail_root,
+            ));
         }
         if uds.exists() {
-            match connect_agent(uds, port) {
+            match connect_agent(&uds, port) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }
         }
         if Instant::now() >= deadline {
-            return Err(OpError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "VM {id}: guest agent on vsock port {port} did not answer within {} s ({last})",
-                    timeout.as_secs()
+            return Err(with_console(
+                OpError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "VM {id}: guest agent on vsock port {port} did not answer within {} s ({last})",
+                        timeout.as_secs()
+                    ),
                 ),
+                &report.jail_root,
             ));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -488,7 +645,7 @@ pub fn process_alive(pid: u32, start_time: u64) -> bool {
 
 /// Stops the VMM of `vm` (SIGTERM, then SIGKILL after 10 s) if it is still the process we
 /// started.
-fn kill_vmm(vm: &VmRecord) {
+pub(crate) fn kill_vmm(vm: &VmRecord) {
     if let (Some(pid), Some(start)) = (vm.pid, vm.pid_start_time) {
         kill_process(pid, start);
     }
@@ -496,7 +653,7 @@ fn kill_vmm(vm: &VmRecord) {
 
 /// SIGTERM, then SIGKILL after 10 s, to the process `pid` started at `start`; returns once
 /// it is gone (or 5 s after the SIGKILL).
-fn kill_process(pid: u32, start: u64) {
+pub(crate) fn kill_process(pid: u32, start: u64) {
     let Ok(raw) = i32::try_from(pid) else { return };
     if !process_alive(pid, start) {
         return;
@@ -518,29 +675,34 @@ fn kill_process(pid: u32, start: u64) {
     }
 }
 
-/// Removes everything a VM has on the host except its database row: VMM, cgroups, netns,
-/// jail directory, per-VM files. Idempotent; used by destroy, failed creates and the
-/// reconciler.
-pub fn teardown(d: &Daemon, id: &str) {
+/// Stops VM `id`'s VMM and removes what only a VMM needs: its cgroups (killing whatever
+/// still runs in them, even a VMM the database never heard of) and its jail directory. The
+/// netns, disk and per-VM files stay. Idempotent.
+pub fn release_vmm(d: &Daemon, id: &str) {
     if let Ok(vm) = d.with_store(|s| s.get_vm(id)) {
         kill_vmm(&vm);
         if vm.state == VmState::Destroying {
             kill_point("destroy:vmm-stopped");
         }
     }
-    let vm_dir = d.config.vm_dir(id);
     let mut cgroups = planned_cgroups(id);
-    if let Some(r) = JailReport::load(&vm_dir) {
+    if let Some(r) = JailReport::load(&d.config.vm_dir(id)) {
         cgroups.extend(r.cgroups);
     }
-    // Whatever still runs in the VM's cgroups is its VMM, even one the database never
-    // heard of (the daemon died between starting it and recording it).
     for cg in &cgroups {
         empty_cgroup(cg);
     }
     for cg in &cgroups {
         let _ = std::fs::remove_dir(cg);
     }
+    let _ = std::fs::remove_dir_all(d.config.jail_base().join("vmm").join(id));
+}
+
+/// Removes everything a VM has on the host except its database row: VMM, cgroups, netns,
+/// jail directory, per-VM files. Idempotent; used by destroy, failed creates and the
+/// reconciler.
+pub fn teardown(d: &Daemon, id: &str) {
+    release_vmm(d, id);
     let _ = netsetup::destroy_vm_net(id);
     let destroying = d
         .with_store(|s| s.get_vm(id))
@@ -548,9 +710,7 @@ pub fn teardown(d: &Daemon, id: &str) {
     if destroying {
         kill_point("destroy:network-removed");
     }
-    let jail = d.config.jail_base().join("vmm").join(id);
-    let _ = std::fs::remove_dir_all(&jail);
-    let _ = std::fs::remove_dir_all(&vm_dir);
+    let _ = std::fs::remove_dir_all(d.config.vm_dir(id));
     if destroying {
         kill_point("destroy:files-removed");
     }
@@ -562,7 +722,7 @@ const CGROUP_KEYS: [&str; 3] = ["memory.max=max", "cpu.max=max", "pids.max=max"]
 
 /// Where the jailer puts VM `id`'s cgroups (`--parent-cgroup orchestrator`), worked out the
 /// way the jailer does it: the daemon and the jailers it starts share their cgroup.
-fn planned_cgroups(id: &str) -> Vec<PathBuf> {
+pub(crate) fn planned_cgroups(id: &str) -> Vec<PathBuf> {
     use crate::jailer::cgroup::{CgroupPlan, CgroupSetting, CgroupVersionArg};
     for n in (1..=CGROUP_KEYS.len()).rev() {
         let settings: Vec<CgroupSetting> = CGROUP_KEYS[..n]
@@ -577,7 +737,7 @@ fn planned_cgroups(id: &str) -> Vec<PathBuf> {
 }
 
 /// SIGKILLs every process in a cgroup directory and waits (at most 5 s) until it is empty.
-fn empty_cgroup(dir: &Path) {
+pub(crate) fn empty_cgroup(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
@@ -604,6 +764,7 @@ pub fn destroy(d: &Daemon, id: &str) -> Result<(), OpError> {
         d.with_store(|s| s.set_state(id, VmState::Destroying))?;
     }
     kill_point("destroy:destroying");
+    super::forward::stop(d, id);
     teardown(d, id);
     d.with_store(|s| s.destroy_vm(id))?;
     d.record_latency(false, started.elapsed().as_secs_f64());

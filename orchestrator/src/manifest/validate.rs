@@ -32,6 +32,7 @@ struct RawManifest {
     network: Option<RawNetwork>,
     limits: Option<RawLimits>,
     idle_hibernate_s: Option<u64>,
+    template: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +539,7 @@ impl RawManifest {
             },
             limits,
             idle_hibernate_s,
+            template: self.template.unwrap_or(false),
         })
     }
 }

@@ -115,6 +115,19 @@ pub struct VmRecord {
     pub updated_at_ms: i64,
     /// Tail of the console output, kept when it crashed or stopped.
     pub last_console: Option<String>,
+    /// A host TCP port forwarded to the guest (and waking it).
+    pub port_forward: Option<PortForward>,
+}
+
+/// A host TCP port forwarded to a port of the guest: the first connection wakes a
+/// hibernated VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// Port listened on, on the host (all addresses).
+    pub host_port: u16,
+    /// Port of the guest it connects to.
+    pub guest_port: u16,
 }
 
 /// One entry of the event log.
@@ -160,7 +173,7 @@ pub struct SnapshotRecord {
 
 /// Columns read for a `RawVmRow`, in order.
 pub(super) const VM_COLUMNS: &str = "id, manifest, state, ip, mac, pid, pid_start_time, \
-     jail_dir, netns, created_at, updated_at, last_console";
+     jail_dir, netns, created_at, updated_at, last_console, port_forward";
 
 pub(super) struct RawVmRow {
     id: String,
@@ -175,6 +188,7 @@ pub(super) struct RawVmRow {
     created_at: i64,
     updated_at: i64,
     last_console: Option<String>,
+    port_forward: Option<String>,
 }
 
 impl RawVmRow {
@@ -192,6 +206,7 @@ impl RawVmRow {
             created_at: row.get(9)?,
             updated_at: row.get(10)?,
             last_console: row.get(11)?,
+            port_forward: row.get(12)?,
         })
     }
 
@@ -224,7 +239,14 @@ impl RawVmRow {
             }
             None => None,
         };
+        let port_forward = match &self.port_forward {
+            Some(text) => Some(
+                serde_json::from_str(text).map_err(|e| corrupt("port_forward", e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(VmRecord {
+            port_forward,
             state,
             ip,
             mac,

@@ -56,10 +56,13 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         detail TEXT NOT NULL CHECK (json_valid(detail))
     ) STRICT;",
+    // 2: a VM's optional host port forward, JSON `{"host_port": N, "guest_port": N}`.
+    "ALTER TABLE vms ADD COLUMN port_forward TEXT
+        CHECK (port_forward IS NULL OR json_valid(port_forward));",
 ];
 
 /// The schema version this code creates and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
 /// `PRAGMA user_version` as a u32.

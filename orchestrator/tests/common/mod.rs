@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+pub mod daemon;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
