@@ -96,6 +96,10 @@ real_guest_pass seccomp
 step "real-guest tests again, every VMM under the jailer"
 cargo build --quiet -p orchestrator --bin jailer
 export VMM_TEST_JAILER="$repo/target/debug/jailer"
+# The orchestrator's own tests always jail their VMMs (the daemon runs the jailer), so
+# pass 1 already ran them exactly as pass 2 would.
+bins=$(echo "$bins" | grep -v -E '/(orchestrator_guest|hibernate_guest|jailer_guest)-[0-9a-f]+$')
+echo "test: pass 2 leaves out orchestrator_guest, hibernate_guest and jailer_guest (jailed in pass 1 already)"
 real_guest_pass jailed --env VMM_TEST_JAILER
 unset VMM_TEST_JAILER
 if ((${#failed_bins[@]} > 0)); then

@@ -39,8 +39,9 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "reconciled: {} re-adopted, {} found crashed, {} half-done removed, {} orphans removed",
+            "reconciled: {} re-adopted, {} hibernated, {} found crashed, {} half-done removed, {} orphans removed",
             self.adopted.len(),
+            self.hibernated.len(),
             self.crashed.len(),
             self.cleaned.len(),
             self.orphans.len()

@@ -263,3 +263,37 @@ impl Locks {
             .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_hashed_again_only_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("tpl-hash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("kernel");
+        std::fs::write(&f, b"one").unwrap();
+        let cache = HashCache::default();
+        let a = cache.hash(&f).unwrap();
+        // SHA-256("one")
+        assert_eq!(
+            a,
+            "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed"
+        );
+        assert_eq!(cache.hash(&f).unwrap(), a, "cached");
+        // Same size, new content and mtime: hashed again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"two").unwrap();
+        let b = cache.hash(&f).unwrap();
+        assert_ne!(a, b);
+        // A replaced file (new inode) is seen too.
+        let g = dir.join("new");
+        std::fs::write(&g, b"one").unwrap();
+        std::fs::rename(&g, &f).unwrap();
+        assert_eq!(cache.hash(&f).unwrap(), a);
+        assert!(cache.hash(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
