@@ -266,7 +266,13 @@ fn boot(
         let src = template
             .as_ref()
             .map_or(m.rootfs.path.clone(), |t| t.disk.clone());
+        let t = Instant::now();
         copy_disk(id, &src, &copy)?;
+        eprintln!(
+            "orchestrator: VM {id}: disk copied from {} in {} ms",
+            src.display(),
+            t.elapsed().as_millis()
+        );
         copy
     };
 
