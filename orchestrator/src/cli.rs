@@ -137,6 +137,10 @@ pub enum VmCmd {
         /// The VM id: 1 to 32 of a-z, 0-9, `-` [default: vm-<8 hex digits>].
         #[arg(long)]
         id: Option<String>,
+        /// Forward host TCP port HOST to guest port GUEST (`HOST:GUEST`); a connection
+        /// wakes the VM when it is hibernated.
+        #[arg(long, value_name = "HOST:GUEST", value_parser = parse_forward)]
+        port_forward: Option<(u16, u16)>,
     },
     /// List VMs.
     List,
@@ -491,8 +495,15 @@ fn exec_stream(c: &Client, id: &str, body: &Value, timeout_s: u64, echo: bool) -
 
 fn vms(c: &Client, as_json: bool, cmd: VmCmd) -> Result<i32> {
     match cmd {
-        VmCmd::Create { manifest, id } => {
-            let body = json!({"manifest": manifest, "id": id});
+        VmCmd::Create {
+            manifest,
+            id,
+            port_forward,
+        } => {
+            let mut body = json!({"manifest": manifest, "id": id});
+            if let Some((host_port, guest_port)) = port_forward {
+                body["port_forward"] = json!({"host_port": host_port, "guest_port": guest_port});
+            }
             let started = Instant::now();
             // The answer comes once the workload runs.
             let ans = with_progress(
@@ -697,4 +708,31 @@ fn events(c: &Client, as_json: bool, since: i64, follow: bool) -> Result<i32> {
         anyhow::bail!("events: status {status}");
     }
     Ok(0)
+}
+
+/// `HOST:GUEST` ports of `vms create --port-forward`.
+fn parse_forward(s: &str) -> Result<(u16, u16), String> {
+    let (h, g) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected HOST:GUEST, e.g. 8080:80"))?;
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+        Ok(n) => Ok(n),
+    };
+    Ok((port(h)?, port(g)?))
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::parse_forward;
+
+    #[test]
+    fn port_forward_flags_parse_or_say_why_not() {
+        assert_eq!(parse_forward("8080:80"), Ok((8080, 80)));
+        assert!(parse_forward("8080").unwrap_err().contains("HOST:GUEST"));
+        assert!(parse_forward("0:80").unwrap_err().contains("not a port"));
+        assert!(parse_forward("8080:70000")
+            .unwrap_err()
+            .contains("not a port"));
+    }
 }
