@@ -376,19 +376,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path, action()))?;
-        let before: String = tx
-            .query_row("SELECT state FROM vms WHERE id = ?1", [vm_id], |r| r.get(0))
-            .optional()
-            .map_err(sql(path, action()))?
-            .ok_or_else(|| StoreError::VmNotFound {
-                id: vm_id.to_string(),
-            })?;
-        let before: VmState = before.parse().map_err(|reason| StoreError::Corrupt {
-            path: path.clone(),
-            row: format!("VM {vm_id}"),
-            field: "state",
-            reason,
-        })?;
+        let before = state_in(&tx, path, vm_id, &action())?;
         tx.execute(
             "UPDATE vms SET state = ?2, updated_at = ?3 WHERE id = ?1",
             params![vm_id, state.as_str(), now_ms()],
@@ -660,13 +648,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path, action()))?;
-        let before: String = tx
-            .query_row("SELECT state FROM vms WHERE id = ?1", [vm_id], |r| r.get(0))
-            .optional()
-            .map_err(sql(path, action()))?
-            .ok_or_else(|| StoreError::VmNotFound {
-                id: vm_id.to_string(),
-            })?;
+        let before = state_in(&tx, path, vm_id, &action())?;
         tx.execute(
             "DELETE FROM snapshots WHERE vm_id = ?1 AND kind = 'hibernate'",
             [vm_id],
@@ -695,7 +677,7 @@ impl Store {
             path,
             Some(vm_id),
             "state",
-            &json!({ "from": before, "to": VmState::Hibernated.as_str() }),
+            &json!({ "from": before.as_str(), "to": VmState::Hibernated.as_str() }),
         )?;
         tx.commit().map_err(sql(path, action()))?;
         Ok(snap)
@@ -727,6 +709,28 @@ impl Store {
             .and_then(Iterator::collect::<Result<Vec<_>, _>>)
             .map_err(sql(&self.path, action))
     }
+}
+
+/// The state of VM `vm_id` as `conn` (a transaction) sees it.
+fn state_in(
+    conn: &Connection,
+    path: &Path,
+    vm_id: &str,
+    action: &str,
+) -> Result<VmState, StoreError> {
+    let text: String = conn
+        .query_row("SELECT state FROM vms WHERE id = ?1", [vm_id], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, action))?
+        .ok_or_else(|| StoreError::VmNotFound {
+            id: vm_id.to_string(),
+        })?;
+    text.parse().map_err(|reason| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        row: format!("VM {vm_id}"),
+        field: "state",
+        reason,
+    })
 }
 
 /// The leased addresses inside `subnet`. Leases outside it (left from a previous subnet

@@ -377,3 +377,68 @@ fn manifest_removal_is_refused_while_in_use() {
     store.remove_manifest("web").unwrap();
     assert!(store.list_manifests().unwrap().is_empty());
 }
+
+#[test]
+fn a_hibernation_is_recorded_in_one_step_and_replaces_the_previous_snapshot() {
+    let tmp = TempDir::new("hibernate");
+    let mut store = Store::open(&tmp.db()).unwrap();
+    store.add_manifest(&manifest("web")).unwrap();
+    let subnet: Subnet = "10.9.0.0/24".parse().unwrap();
+    store.create_vm_with_lease("vm-h", "web", &subnet).unwrap();
+    store.set_state("vm-h", VmState::Running).unwrap();
+    store
+        .set_process("vm-h", 4242, 99, std::path::Path::new("/j"), "orch-vm-h")
+        .unwrap();
+    assert!(store
+        .latest_snapshot("vm-h", "hibernate")
+        .unwrap()
+        .is_none());
+
+    let first = store
+        .commit_hibernation("vm-h", "/s1/vmstate".as_ref(), "/s1/memory".as_ref())
+        .unwrap();
+    let vm = store.get_vm("vm-h").unwrap();
+    assert_eq!(vm.state, VmState::Hibernated);
+    assert_eq!((vm.pid, vm.pid_start_time), (None, None));
+    assert!(vm.ip.is_some(), "the lease stays");
+    let snap = store.latest_snapshot("vm-h", "hibernate").unwrap().unwrap();
+    assert_eq!(
+        (snap.id, snap.mem_path.to_str()),
+        (first, Some("/s1/memory"))
+    );
+
+    store.set_state("vm-h", VmState::Running).unwrap();
+    let second = store
+        .commit_hibernation("vm-h", "/s2/vmstate".as_ref(), "/s2/memory".as_ref())
+        .unwrap();
+    let all = store.list_snapshots("vm-h").unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].id, second);
+    assert_eq!(all[0].vmstate_path.to_str(), Some("/s2/vmstate"));
+    let events = store.events_since(0, 100).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "state");
+    assert_eq!(last.detail["from"], "running");
+    assert_eq!(last.detail["to"], "hibernated");
+
+    assert!(matches!(
+        store.commit_hibernation("nope", "/a".as_ref(), "/b".as_ref()),
+        Err(StoreError::VmNotFound { .. })
+    ));
+    store
+        .set_port_forward(
+            "vm-h",
+            Some(orchestrator::store::PortForward {
+                host_port: 8080,
+                guest_port: 80,
+            }),
+        )
+        .unwrap();
+    assert_eq!(
+        store.get_vm("vm-h").unwrap().port_forward,
+        Some(orchestrator::store::PortForward {
+            host_port: 8080,
+            guest_port: 80
+        })
+    );
+}
