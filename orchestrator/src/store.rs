@@ -39,6 +39,9 @@ use schema::{migrate, user_version};
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most events `events_since` returns in one call.
 pub const MAX_EVENTS_PER_QUERY: u32 = 10_000;
+/// Events kept: older ones are pruned (at daemon start and hourly), so the log of a
+/// long-lived edge node stays bounded. Sequence numbers are never reused.
+pub const EVENTS_KEPT: i64 = 100_000;
 /// `last_console` keeps at most this many bytes (the tail).
 pub const MAX_CONSOLE_BYTES: usize = 64 * 1024;
 /// `ManifestInUse` names at most this many of the VMs using the manifest.
@@ -597,6 +600,16 @@ impl Store {
             .and_then(Iterator::collect::<Result<Vec<_>, _>>)
             .map_err(sql(&self.path, action))?;
         raw.into_iter().map(|r| r.into_event(&self.path)).collect()
+    }
+
+    /// Deletes all but the newest `keep` events; returns how many went.
+    pub fn prune_events(&mut self, keep: i64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+                [keep.max(0)],
+            )
+            .map_err(sql(&self.path, "prune events"))
     }
 
     /// Records a snapshot's files for a VM; returns the snapshot id.

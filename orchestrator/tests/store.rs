@@ -442,3 +442,25 @@ fn a_hibernation_is_recorded_in_one_step_and_replaces_the_previous_snapshot() {
         })
     );
 }
+
+#[test]
+fn pruning_keeps_the_newest_events() {
+    let tmp = TempDir::new("prune");
+    let mut store = Store::open(&tmp.db()).unwrap();
+    for i in 0..50 {
+        store
+            .record_event(None, "test", &serde_json::json!({ "i": i }))
+            .unwrap();
+    }
+    assert_eq!(store.prune_events(20).unwrap(), 30);
+    let left = store.events_since(0, 1000).unwrap();
+    assert_eq!(left.len(), 20);
+    assert_eq!(left[0].detail["i"], 30);
+    assert_eq!(left[19].detail["i"], 49);
+    assert_eq!(store.prune_events(20).unwrap(), 0);
+    // Sequence numbers go on from where they were.
+    let next = store
+        .record_event(None, "test", &serde_json::json!({}))
+        .unwrap();
+    assert_eq!(next, left[19].seq + 1);
+}

@@ -371,10 +371,21 @@ pub fn wake(d: &Daemon, id: &str) -> Result<VmRecord, OpError> {
 }
 
 /// Hibernates running VMs whose manifest sets `idle_hibernate_s` once they have been idle
-/// that long (nothing in flight). Runs until the daemon ends.
+/// that long (nothing in flight), and prunes the event log to `EVENTS_KEPT` at start and
+/// hourly. Runs until the daemon ends.
 pub async fn idle_loop(d: Arc<Daemon>) {
+    let mut last_prune: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // The event log's housekeeping rides along: pruned at start, then hourly.
+        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            last_prune = Some(Instant::now());
+            let d2 = Arc::clone(&d);
+            let _ = tokio::task::spawn_blocking(move || {
+                d2.with_store(|s| s.prune_events(crate::store::EVENTS_KEPT))
+            })
+            .await;
+        }
         let d2 = Arc::clone(&d);
         let due = tokio::task::spawn_blocking(move || idle_candidates(&d2))
             .await
