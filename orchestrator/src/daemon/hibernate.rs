@@ -337,17 +337,15 @@ pub fn wake(d: &Daemon, id: &str) -> Result<VmRecord, OpError> {
     let result = (|| {
         let report = vm::spawn_vmm(&d.config, &spawn)?;
         let pid = vm::record_process(d, id, &report, "wake")?;
-        let mut client = vm::wait_for_agent(
+        vm::after_restore(
             &report,
             manifest.agent_port,
             d.config.ready_timeout,
             pid,
             id,
-        )?;
-        kill_point("wake:agent");
-        vm::resync(&mut client, id)?;
-        kill_point("wake:resynced");
-        Ok::<_, OpError>(())
+            "wake",
+            None,
+        )
     })();
     if let Err(e) = result {
         let _ = d.with_store(|s| s.clear_process(id));

@@ -318,12 +318,6 @@ fn boot(
     let pid = record_process(d, id, &report, "create")?;
 
     // The agent answers once guest-init is up; then the workload gets its manifest.
-    let mut client = wait_for_agent(&report, m.agent_port, d.config.ready_timeout, pid, id)?;
-    kill_point("create:agent");
-    if template.is_some() {
-        // A clone: its own clock, RNG seed and hostname before anything runs.
-        resync(&mut client, id)?;
-    }
     let delivery = agent::ManifestDelivery {
         vm_id: id.to_string(),
         hostname: id.to_string(),
@@ -337,24 +331,107 @@ fn boot(
         manifest: agent::RawManifest::from_value(&m.to_value())
             .map_err(|e| OpError::internal(format!("VM {id}: manifest: {e}")))?,
     };
-    client
-        .send_manifest(&delivery)
-        .map_err(|e| OpError::internal(format!("VM {id}: delivering the manifest: {e}")))?;
+    if template.is_some() {
+        // A clone: its own clock, RNG seed and hostname before the workload starts.
+        after_restore(
+            &report,
+            m.agent_port,
+            d.config.ready_timeout,
+            pid,
+            id,
+            "create",
+            Some(&delivery),
+        )?;
+    } else {
+        let mut client = wait_for_agent(&report, m.agent_port, d.config.ready_timeout, pid, id)?;
+        kill_point("create:agent");
+        client.send_manifest(&delivery).map_err(|e| {
+            OpError::internal(format!("VM {id}: delivering the manifest: {}", chain(&e)))
+        })?;
+    }
     kill_point("create:manifest");
     Ok(())
 }
 
-/// Sends the guest a Resync: the host's time, a fresh RNG seed and its hostname.
-pub(crate) fn resync(
-    client: &mut agent::AgentClient<std::os::unix::net::UnixStream>,
+/// An error with its sources, `a: b: c`.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// The agent steps after a snapshot restore: Resync (clock, RNG seed, hostname), then for a
+/// new clone its manifest. The restored guest resets every vsock connection when it
+/// handles the restore's transport-reset event, and a connection opened just before it
+/// does is cut: so a broken connection is made again and the steps redone (Resync is
+/// idempotent; a manifest is sent again only if the agent reports no workload yet). `phase`
+/// names the kill points passed (`<phase>:agent`, `wake:resynced`).
+pub(crate) fn after_restore(
+    report: &JailReport,
+    port: u32,
+    timeout: Duration,
+    pid: u32,
     id: &str,
+    phase: &str,
+    delivery: Option<&agent::ManifestDelivery>,
 ) -> Result<(), OpError> {
-    let req = agent::ResyncRequest::now(Some(id.to_string()))
-        .map_err(|e| OpError::internal(format!("VM {id}: resync request: {e}")))?;
-    client
-        .resync(&req)
-        .map_err(|e| OpError::internal(format!("VM {id}: resync: {e}")))?;
-    Ok(())
+    let deadline = Instant::now() + timeout;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut client = wait_for_agent(report, port, left, pid, id)?;
+        if attempt == 1 {
+            kill_point(&format!("{phase}:agent"));
+        }
+        let step = (|| {
+            let req = agent::ResyncRequest::now(Some(id.to_string()))
+                .map_err(|e| (false, format!("resync request: {e}")))?;
+            client.resync(&req).map_err(|e| {
+                (
+                    matches!(e, agent::AgentError::Frame(_)),
+                    format!("resync: {}", chain(&e)),
+                )
+            })?;
+            if phase == "wake" {
+                kill_point("wake:resynced");
+            }
+            let Some(delivery) = delivery else {
+                return Ok(());
+            };
+            if attempt > 1 {
+                let st = client.workload_status().map_err(|e| {
+                    (
+                        matches!(e, agent::AgentError::Frame(_)),
+                        format!("workload status: {}", chain(&e)),
+                    )
+                })?;
+                if st.state != agent::WorkloadState::None {
+                    // Delivered by the attempt whose connection broke.
+                    return Ok(());
+                }
+            }
+            client.send_manifest(delivery).map(|_| ()).map_err(|e| {
+                (
+                    matches!(e, agent::AgentError::Frame(_)),
+                    format!("delivering the manifest: {}", chain(&e)),
+                )
+            })
+        })();
+        match step {
+            Ok(()) => return Ok(()),
+            Err((true, why)) if attempt < 5 && Instant::now() < deadline => {
+                eprintln!("orchestrator: VM {id}: agent connection cut after the restore ({why}); connecting again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err((_, why)) => return Err(OpError::internal(format!("VM {id}: {why}"))),
+        }
+    }
 }
 
 /// Copies a disk image for a VM (reflinked where the filesystem can, sparse otherwise).
