@@ -258,43 +258,37 @@ fn boot(
     };
 
     // The disk: shared read-only, or a private copy (reflinked where the filesystem can)
-    // of the image, or of the template's disk as it was when the template was taken.
-    let disk = if m.rootfs.read_only {
-        m.rootfs.path.clone()
+    // of the image, or of the template's disk as it was when the template was taken. The
+    // copy runs while the network is built.
+    let (disk, copying) = if m.rootfs.read_only {
+        (m.rootfs.path.clone(), None)
     } else {
         let copy = vm_dir.join("rootfs.img");
         let src = template
             .as_ref()
             .map_or(m.rootfs.path.clone(), |t| t.disk.clone());
-        let t = Instant::now();
-        copy_disk(id, &src, &copy)?;
-        eprintln!(
-            "orchestrator: VM {id}: disk copied from {} in {} ms",
-            src.display(),
-            t.elapsed().as_millis()
-        );
-        copy
+        let (id2, dst) = (id.to_string(), copy.clone());
+        let worker = std::thread::spawn(move || {
+            let t = Instant::now();
+            copy_disk(&id2, &src, &dst)?;
+            eprintln!(
+                "orchestrator: VM {id2}: disk copied from {} in {} ms",
+                src.display(),
+                t.elapsed().as_millis()
+            );
+            Ok::<_, OpError>(())
+        });
+        (copy, Some(worker))
     };
-
+    let net = build_net(d, id, m, ip, mac, uid);
+    if let Some(worker) = copying {
+        worker
+            .join()
+            .map_err(|_| OpError::internal(format!("VM {id}: the disk copy panicked")))??;
+    }
+    net?;
     kill_point("create:disk");
     let netns = netns_name(id);
-    if m.network.enabled {
-        netsetup::create_vm_net(
-            &host_net(c),
-            &netsetup::VmNet {
-                vm_id: id.to_string(),
-                leased_ip: ip,
-                egress_allow: m.network.egress_allow.clone(),
-                mac,
-                tap_owner: uid,
-            },
-        )
-        .map_err(|e| OpError::internal(format!("VM {id}: network: {e}")))?;
-    } else {
-        // Its own empty namespace all the same: no host interfaces visible.
-        netsetup::create_offline_netns(id)
-            .map_err(|e| OpError::internal(format!("VM {id}: network namespace: {e}")))?;
-    }
     kill_point("create:network");
 
     let start = match &template {
@@ -350,6 +344,36 @@ fn boot(
         })?;
     }
     kill_point("create:manifest");
+    Ok(())
+}
+
+/// VM `id`'s network namespace: with its tap, veth and rules, or empty.
+fn build_net(
+    d: &Daemon,
+    id: &str,
+    m: &Manifest,
+    ip: std::net::Ipv4Addr,
+    mac: crate::net_addr::Mac,
+    uid: u32,
+) -> Result<(), OpError> {
+    let c = &d.config;
+    if m.network.enabled {
+        netsetup::create_vm_net(
+            &host_net(c),
+            &netsetup::VmNet {
+                vm_id: id.to_string(),
+                leased_ip: ip,
+                egress_allow: m.network.egress_allow.clone(),
+                mac,
+                tap_owner: uid,
+            },
+        )
+        .map_err(|e| OpError::internal(format!("VM {id}: network: {e}")))?;
+    } else {
+        // Its own empty namespace all the same: no host interfaces visible.
+        netsetup::create_offline_netns(id)
+            .map_err(|e| OpError::internal(format!("VM {id}: network namespace: {e}")))?;
+    }
     Ok(())
 }
 
@@ -536,7 +560,7 @@ pub(crate) fn spawn_vmm(c: &super::Config, s: &Spawn<'_>) -> Result<JailReport, 
     let rw = if m.rootfs.read_only { "" } else { ":rw" };
     cmd.arg("--file")
         .arg(format!("{}:/rootfs.img{rw}", s.disk.display()));
-    for lib in shared_libraries(&c.vmm) {
+    for lib in vmm_libraries(&c.vmm) {
         cmd.arg("--file")
             .arg(format!("{}:{}", lib.display(), lib.display()));
     }
@@ -941,6 +965,22 @@ fn on_exit(d: &Daemon, id: &str, pid: u32) {
         s.set_state(id, VmState::Crashed)
     });
     eprintln!("orchestrator: VM {id}: its VMM (pid {pid}) exited unexpectedly; marked crashed");
+}
+
+/// [`shared_libraries`] of the `vmm` binary, worked out again only when the binary changes.
+fn vmm_libraries(vmm: &Path) -> Vec<PathBuf> {
+    type Cached = Option<(PathBuf, Option<std::time::SystemTime>, Vec<PathBuf>)>;
+    static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+    let mtime = std::fs::metadata(vmm).and_then(|md| md.modified()).ok();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((p, t, libs)) = cache.as_ref() {
+        if p == vmm && *t == mtime && mtime.is_some() {
+            return libs.clone();
+        }
+    }
+    let libs = shared_libraries(vmm);
+    *cache = Some((vmm.to_path_buf(), mtime, libs.clone()));
+    libs
 }
 
 /// The loader and libraries a dynamic binary needs (from `ldd`), for its jail.
