@@ -141,18 +141,20 @@ pub fn resume_quietly(report: &JailReport, uid: u32) {
     );
 }
 
-/// Moves a file the VMM wrote in its jail to `dst` (same filesystem) and fsyncs it; the
-/// source must be a regular file of `uid` with one link (not a link to something else).
+/// Moves a file the VMM wrote in its jail to `dst` (same filesystem, a directory only root
+/// writes) and fsyncs it. It is checked where it landed, out of the VMM's reach: a regular
+/// file of `uid` with one link (not a symlink or a link to some other file).
 fn take_file(src: &Path, dst: &Path, uid: u32) -> Result<(), String> {
-    let md = std::fs::symlink_metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    std::fs::rename(src, dst)
+        .map_err(|e| format!("move {} to {}: {e}", src.display(), dst.display()))?;
+    let md = std::fs::symlink_metadata(dst).map_err(|e| format!("{}: {e}", dst.display()))?;
     if !md.file_type().is_file() || md.uid() != uid || md.nlink() != 1 {
+        let _ = std::fs::remove_file(dst);
         return Err(format!(
             "{}: not a regular file of uid {uid} with one link",
             src.display()
         ));
     }
-    std::fs::rename(src, dst)
-        .map_err(|e| format!("move {} to {}: {e}", src.display(), dst.display()))?;
     fsync_path(dst)
 }
 
