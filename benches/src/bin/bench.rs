@@ -1160,11 +1160,12 @@ fn real_main() -> Result<ExitCode> {
     for w in &chosen {
         let runs = plan.runs_for(w);
         if runs != plan.runs && runs > 0 {
-            extra.push(format!(
-                "{}: {runs} runs (at least {} for its p50/p99)",
-                w.def.name,
-                orch::COLD_MIN_RUNS
-            ));
+            let why = if runs > plan.runs {
+                format!("at least {} for its p50/p99", orch::COLD_MIN_RUNS)
+            } else {
+                "at most 3: 50 VMs a run".to_string()
+            };
+            extra.push(format!("{}: {runs} runs ({why})", w.def.name));
         }
     }
     if session > 1 {
