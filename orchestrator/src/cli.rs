@@ -414,7 +414,7 @@ fn with_progress<T>(show: bool, what: &str, f: impl FnOnce() -> T) -> T {
 /// collecting API would have answered, `{"stdout", "stderr", "code", "signal",
 /// "timed_out"}` (with `echo`, `stdout` and `stderr` are empty: they were printed).
 fn exec_stream(c: &Client, id: &str, body: &Value, timeout_s: u64, echo: bool) -> Result<Value> {
-    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = crate::client::LineSplitter::default();
     let (mut stdout, mut stderr) = (String::new(), String::new());
     let mut exit: Option<Value> = None;
     let mut failed: Option<String> = None;
@@ -428,11 +428,9 @@ fn exec_stream(c: &Client, id: &str, body: &Value, timeout_s: u64, echo: bool) -
         |chunk| {
             let room = (64 * 1024usize).saturating_sub(head.len());
             head.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
-            pending.extend_from_slice(chunk);
-            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                    continue;
+            lines.push(chunk, |line| {
+                let Ok(v) = serde_json::from_slice::<Value>(line) else {
+                    return;
                 };
                 if let Some(t) = v["stdout"].as_str() {
                     if echo {
@@ -455,7 +453,7 @@ fn exec_stream(c: &Client, id: &str, body: &Value, timeout_s: u64, echo: bool) -
                 } else if let Some(m) = v["error"].as_str() {
                     failed = Some(m.to_string());
                 }
-            }
+            });
             true
         },
     )?;

@@ -145,3 +145,44 @@ impl Client {
             .with_context(|| what.clone())
     }
 }
+
+/// Cuts a streamed answer (NDJSON, one JSON object per line) into lines as its chunks
+/// arrive; a line split between chunks is kept until its newline comes.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Adds `chunk` and hands each line it completes (newline included) to `on_line`.
+    pub fn push(&mut self, chunk: &[u8], mut on_line: impl FnMut(&[u8])) {
+        self.pending.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(i) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            on_line(&self.pending[start..=start + i]);
+            start += i + 1;
+        }
+        self.pending.drain(..start);
+    }
+
+    /// What came after the last newline (empty when the stream ended on a line's end).
+    pub fn rest(&self) -> &[u8] {
+        &self.pending
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::LineSplitter;
+
+    #[test]
+    fn lines_split_across_chunks_come_out_whole() {
+        let mut s = LineSplitter::default();
+        let mut got: Vec<String> = Vec::new();
+        for chunk in [&b"{\"a\":1}\n{\"b\""[..], b":2}", b"\n\n{\"c\":3}\n{\"d"] {
+            s.push(chunk, |l| got.push(String::from_utf8_lossy(l).into_owned()));
+        }
+        assert_eq!(got, ["{\"a\":1}\n", "{\"b\":2}\n", "\n", "{\"c\":3}\n"]);
+        assert_eq!(s.rest(), b"{\"d");
+    }
+}

@@ -681,7 +681,7 @@ fn fake_vm(api: &Api) {
 fn stream_exec(api: &Api, id: &str, argv: &[&str]) -> (u16, Vec<(Duration, Value)>) {
     let started = std::time::Instant::now();
     let body = json!({ "argv": argv }).to_string();
-    let mut pending = String::new();
+    let mut splitter = orchestrator::client::LineSplitter::default();
     let mut lines = Vec::new();
     let status = api
         .client
@@ -691,25 +691,25 @@ fn stream_exec(api: &Api, id: &str, argv: &[&str]) -> (u16, Vec<(Duration, Value
             Some(body.as_bytes()),
             Duration::from_secs(30),
             |chunk| {
-                pending.push_str(&String::from_utf8_lossy(chunk));
-                while let Some(i) = pending.find('\n') {
-                    let line: String = pending.drain(..=i).collect();
-                    let v: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                splitter.push(chunk, |line| {
+                    let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
+                        panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(line))
+                    });
                     lines.push((started.elapsed(), v));
                     if lines.len() == 1 && argv == ["slow"] {
                         // Mid-stream (the fake agent waits after the first line), the VM
                         // is busy: not to be hibernated under it.
                         assert_eq!(api.daemon.activity(id).inflight, 1);
                     }
-                }
+                });
                 true
             },
         )
         .unwrap();
     assert!(
-        pending.is_empty(),
-        "a line without its newline: {pending:?}"
+        splitter.rest().is_empty(),
+        "a line without its newline: {:?}",
+        String::from_utf8_lossy(splitter.rest())
     );
     (status, lines)
 }

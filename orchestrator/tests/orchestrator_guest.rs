@@ -421,7 +421,7 @@ fn streaming_exec_delivers_output_as_it_is_written() {
     let script = "echo one; busybox sleep 2; echo two; echo err >&2; exit 7";
     let body = json!({"argv": ["/bin/busybox", "sh", "-c", script]}).to_string();
     let started = Instant::now();
-    let mut pending = String::new();
+    let mut splitter = orchestrator::client::LineSplitter::default();
     let mut lines: Vec<(Duration, Value)> = Vec::new();
     let status = d
         .client
@@ -431,21 +431,21 @@ fn streaming_exec_delivers_output_as_it_is_written() {
             Some(body.as_bytes()),
             Duration::from_secs(120),
             |chunk| {
-                pending.push_str(&String::from_utf8_lossy(chunk));
-                while let Some(i) = pending.find('\n') {
-                    let line: String = pending.drain(..=i).collect();
-                    let v: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                splitter.push(chunk, |line| {
+                    let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
+                        panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(line))
+                    });
                     lines.push((started.elapsed(), v));
-                }
+                });
                 true
             },
         )
         .unwrap_or_else(|e| panic!("{e:#}\n{}", d.log()));
     assert_eq!(status, 200, "{lines:?}");
     assert!(
-        pending.is_empty(),
-        "a line without its newline: {pending:?}"
+        splitter.rest().is_empty(),
+        "a line without its newline: {:?}",
+        String::from_utf8_lossy(splitter.rest())
     );
     eprintln!("streamed: {lines:?}");
     let (first_at, first) = &lines[0];
