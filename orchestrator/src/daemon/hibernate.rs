@@ -116,14 +116,21 @@ fn vmm_api(
     }
     let client = crate::client::Client::new(&sock).map_err(|e| format!("{e:#}"))?;
     let body = serde_json::to_vec(body).unwrap_or_default();
-    let answer = client
-        .request(method, path, Some(&body), timeout)
+    // The VMM's answers are a few hundred bytes; one that goes on past this cap is cut
+    // there (a compromised VMM could otherwise stream until the timeout).
+    const MAX_ANSWER: usize = 64 * 1024;
+    let mut answer = Vec::new();
+    let status = client
+        .request_streaming(method, path, Some(&body), timeout, |chunk| {
+            let room = MAX_ANSWER - answer.len();
+            answer.extend_from_slice(&chunk[..room.min(chunk.len())]);
+            answer.len() < MAX_ANSWER
+        })
         .map_err(|e| format!("{e:#}"))?;
-    if answer.status >= 300 {
+    if status >= 300 {
         return Err(format!(
-            "{method} {path}: {} {}",
-            answer.status,
-            answer.body.trim()
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&answer).trim()
         ));
     }
     Ok(())
