@@ -4,6 +4,7 @@
 //! Numbers are decimal or `0x` hex. Sizes (BYTES, BLOCK_SIZE) also take a binary suffix:
 //! `k`/`K` (KiB), `m`/`M` (MiB), `g`/`G` (GiB), so `4k` is 4096. SECONDS may be fractional.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 use crate::error::ToolError;
@@ -30,6 +31,10 @@ pub enum Command {
     VsockSink { port: u32 },
     /// Connect and send `bytes` of zeros.
     VsockSource { cid: u32, port: u32, bytes: u64 },
+    /// Connect over TCP and send `bytes` of zeros in large writes.
+    TcpSource { addr: SocketAddrV4, bytes: u64 },
+    /// Connect over TCP and count what arrives until EOF.
+    TcpRead { addr: SocketAddrV4 },
     /// Random O_DIRECT reads at queue depth 1.
     RandRead {
         device: PathBuf,
@@ -92,6 +97,19 @@ fn parse_sub(sub: &str, rest: &[String]) -> Result<Command, ToolError> {
                 cid: parse_u32("CID", cid)?,
                 port: parse_u32("PORT", port)?,
                 bytes: parse_size("BYTES", bytes)?,
+            })
+        }
+        "tcp-source" => {
+            let [host, port, bytes] = positional(sub, rest, ["HOST", "PORT", "BYTES"])?;
+            Ok(Command::TcpSource {
+                addr: parse_addr(host, port)?,
+                bytes: parse_size("BYTES", bytes)?,
+            })
+        }
+        "tcp-read" => {
+            let [host, port] = positional(sub, rest, ["HOST", "PORT"])?;
+            Ok(Command::TcpRead {
+                addr: parse_addr(host, port)?,
             })
         }
         "randread" => {
@@ -215,6 +233,24 @@ pub fn parse_seconds(s: &str) -> Result<f64, ToolError> {
     }
 }
 
+/// An IPv4 address and a TCP port (1 to 65535).
+fn parse_addr(host: &str, port: &str) -> Result<SocketAddrV4, ToolError> {
+    let ip: Ipv4Addr = host.parse().map_err(|_| {
+        ToolError::new(
+            format!("bad HOST \"{host}\""),
+            "must be a dotted IPv4 address",
+        )
+    })?;
+    let port = parse_u32("PORT", port)?;
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(SocketAddrV4::new(ip, p)),
+        _ => Err(ToolError::new(
+            format!("bad PORT \"{port}\""),
+            "a TCP port is 1 to 65535",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +364,28 @@ mod tests {
     }
 
     #[test]
+    fn tcp_source_and_read() {
+        let addr = SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 1), 5201);
+        assert_eq!(
+            p(&["tcp-source", "172.30.0.1", "5201", "128m"]),
+            Ok(Command::TcpSource {
+                addr,
+                bytes: 128 << 20
+            })
+        );
+        assert_eq!(
+            p(&["tcp-read", "172.30.0.1", "5201"]),
+            Ok(Command::TcpRead { addr })
+        );
+        let e = p(&["tcp-read", "host.example", "5201"]).unwrap_err();
+        assert!(e.contains("bad HOST \"host.example\""), "{e}");
+        let e = p(&["tcp-read", "10.0.0.1", "70000"]).unwrap_err();
+        assert!(e.contains("1 to 65535"), "{e}");
+        assert!(p(&["tcp-read", "10.0.0.1", "0"]).is_err());
+        assert!(p(&["tcp-source", "10.0.0.1", "1"]).is_err());
+    }
+
+    #[test]
     fn randread_checks_block_size_and_seconds() {
         assert_eq!(
             p(&["randread", "/dev/vdb", "4k", "2.5"]),
@@ -354,6 +412,8 @@ mod tests {
             "vsock-close-test",
             "vsock-sink",
             "vsock-source",
+            "tcp-source",
+            "tcp-read",
             "randread",
         ] {
             assert!(

@@ -3,9 +3,10 @@
 //! byte pumps of sink, source and connect.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use agent::vsock::VsockStream;
 
@@ -20,6 +21,8 @@ pub trait Duplex: Read + Write + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     /// `shutdown(SHUT_WR)`: the peer reads EOF; our read side stays open.
     fn shutdown_write(&self) -> io::Result<()>;
+    /// Bounds each later read (`None`: reads block).
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
 impl Duplex for UnixStream {
@@ -29,6 +32,21 @@ impl Duplex for UnixStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+}
+
+impl Duplex for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
 }
 
 impl Duplex for VsockStream {
@@ -37,6 +55,9 @@ impl Duplex for VsockStream {
     }
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        VsockStream::set_read_timeout(self, t)
     }
 }
 
@@ -97,6 +118,28 @@ pub fn send_zeros<W: Write>(w: &mut W, bytes: u64) -> io::Result<()> {
         left -= n as u64;
     }
     Ok(())
+}
+
+/// The source side of a throughput run: `bytes` zeros, then a half-close. Returns the
+/// seconds from the first write to the half-close. Afterwards waits up to `drain` for the
+/// peer's close, so the process does not exit while data is in flight; a peer that never
+/// closes or resets then is not an error, since the data is already sent.
+pub fn timed_source<S: Duplex>(s: &mut S, bytes: u64, drain: Duration) -> io::Result<f64> {
+    let start = Instant::now();
+    send_zeros(s, bytes)?;
+    s.shutdown_write()?;
+    let secs = start.elapsed().as_secs_f64();
+    if s.set_read_timeout(Some(drain)).is_ok() {
+        let _ = count_until_eof(s);
+    }
+    Ok(secs)
+}
+
+/// The reading side of a throughput run: bytes until EOF and the seconds that took.
+pub fn timed_read<R: Read>(r: &mut R) -> io::Result<(u64, f64)> {
+    let start = Instant::now();
+    let n = count_until_eof(r)?;
+    Ok((n, start.elapsed().as_secs_f64()))
 }
 
 /// Reads until EOF and returns how many bytes came.
@@ -267,6 +310,45 @@ mod tests {
         assert_eq!(count_until_eof(&mut a).unwrap(), 1_000_000);
         writer.join().unwrap();
         assert_eq!(t.join().unwrap(), 1_000_000);
+    }
+
+    #[test]
+    fn timed_source_and_read_over_tcp() {
+        // Loopback TCP, as in the guest: the reader gets every byte, then closes, and the
+        // source's drain sees that close instead of waiting out its bound.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            timed_read(&mut s).unwrap()
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let t0 = Instant::now();
+        let secs =
+            timed_source(&mut s, 3 * SOURCE_CHUNK as u64 + 7, Duration::from_secs(30)).unwrap();
+        let (n, read_secs) = reader.join().unwrap();
+        assert_eq!(n, 3 * SOURCE_CHUNK as u64 + 7);
+        assert!(secs >= 0.0 && read_secs >= 0.0);
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "drain waited for nothing"
+        );
+    }
+
+    #[test]
+    fn timed_source_does_not_wait_forever_for_a_silent_peer() {
+        // The peer reads everything but keeps its end open: the drain gives up after its
+        // bound.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let peer = thread::spawn(move || {
+            let n = count_until_eof(&mut b).unwrap();
+            thread::sleep(Duration::from_secs(2));
+            n
+        });
+        let t0 = Instant::now();
+        timed_source(&mut a, 100_000, Duration::from_millis(200)).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(peer.join().unwrap(), 100_000);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! gtool: a test and benchmark helper that runs inside the guest (static, next to busybox).
 //!
 //! It covers what busybox cannot: AF_VSOCK clients and servers (connect, echo, a checked
-//! multi-connection stress, close detection, throughput sink and source) and random O_DIRECT
-//! block reads. The host-side tests and benches start it through guest-init or the agent and
+//! multi-connection stress, close detection, throughput sink and source), a large-write TCP
+//! source and reader, and random O_DIRECT block reads. The host-side tests and benches start it through guest-init or the agent and
 //! grep its stdout.
 //!
 //! Contract: results are `KEY=value` lines on stdout (flushed at once); every failure is one
@@ -13,6 +13,7 @@ mod conn;
 mod error;
 mod pattern;
 mod randread;
+mod tcp_cmds;
 mod vsock_cmds;
 
 use std::io::Write;
@@ -49,6 +50,13 @@ usage: gtool SUBCOMMAND ARGS...
   vsock-source CID PORT BYTES
       Connect, send BYTES zero bytes in 256 KiB writes, half-close: SOURCE_BYTES=n,
       SOURCE_MIBS=x (then waits up to 10 s for the peer to close).
+  tcp-source HOST PORT BYTES
+      Connect over TCP to HOST:PORT (IPv4), send BYTES zero bytes in 256 KiB writes,
+      half-close: SOURCE_BYTES=n, SOURCE_MIBS=x (then waits up to 10 s for the peer to
+      close). Unlike busybox nc, whose 1 KiB writes each leave as one small segment, this
+      lets the stack send full-sized (offloaded) segments.
+  tcp-read HOST PORT
+      Connect over TCP to HOST:PORT and count bytes to EOF: READ_BYTES=n, READ_MIBS=x.
   randread DEVICE BLOCK_SIZE SECONDS
       Random block-aligned O_DIRECT reads of BLOCK_SIZE (a multiple of 512) at queue depth 1
       for SECONDS: RANDREAD_IOPS=n, RANDREAD_OPS=n.
@@ -84,6 +92,8 @@ fn run(cmd: Command) -> Result<(), ToolError> {
         Command::VsockCloseTest { cid, port } => vsock_cmds::close_test(cid, port),
         Command::VsockSink { port } => vsock_cmds::sink(port),
         Command::VsockSource { cid, port, bytes } => vsock_cmds::source(cid, port, bytes),
+        Command::TcpSource { addr, bytes } => tcp_cmds::source(addr, bytes),
+        Command::TcpRead { addr } => tcp_cmds::read(addr),
         Command::RandRead {
             device,
             block_size,

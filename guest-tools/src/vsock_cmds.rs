@@ -16,9 +16,9 @@ use crate::say;
 /// How long vsock-connect still waits for stdin after the peer closed: a console stdin
 /// never ends, and the peer is gone anyway.
 const STDIN_GRACE: Duration = Duration::from_secs(1);
-/// How long vsock-source waits for the peer to close after its last byte, so the process
+/// How long a source waits for the peer to close after its last byte, so the process
 /// does not exit while data is still in flight.
-const SOURCE_DRAIN: Duration = Duration::from_secs(10);
+pub const SOURCE_DRAIN: Duration = Duration::from_secs(10);
 
 fn connect(cid: u32, port: u32) -> Result<VsockStream, ToolError> {
     VsockStream::connect(cid, port).ctx(|| format!("connect to {cid}:{port}"))
@@ -178,9 +178,7 @@ pub fn close_test(cid: u32, port: u32) -> Result<(), ToolError> {
 pub fn sink(port: u32) -> Result<(), ToolError> {
     let listener = listen(port)?;
     let mut s = listener.accept().ctx(|| "accept")?;
-    let start = Instant::now();
-    let n = conn::count_until_eof(&mut s).ctx(|| "receive")?;
-    let secs = start.elapsed().as_secs_f64();
+    let (n, secs) = conn::timed_read(&mut s).ctx(|| "receive")?;
     say(&format!("SINK_BYTES={n}"));
     say(&format!("SINK_MIBS={}", conn::mibs(n, secs)));
     Ok(())
@@ -190,16 +188,8 @@ pub fn sink(port: u32) -> Result<(), ToolError> {
 /// half-close after the last write; then waits (bounded) for the peer to close.
 pub fn source(cid: u32, port: u32, bytes: u64) -> Result<(), ToolError> {
     let mut s = connect(cid, port)?;
-    let start = Instant::now();
-    conn::send_zeros(&mut s, bytes).ctx(|| "send")?;
-    s.shutdown_write().ctx(|| "shutdown(SHUT_WR)")?;
-    let secs = start.elapsed().as_secs_f64();
+    let secs = conn::timed_source(&mut s, bytes, SOURCE_DRAIN).ctx(|| "send")?;
     say(&format!("SOURCE_BYTES={bytes}"));
     say(&format!("SOURCE_MIBS={}", conn::mibs(bytes, secs)));
-    // The numbers are out; the wait only keeps our exit from racing the last bytes, so a
-    // peer that never closes (timeout) or resets is not an error.
-    if s.set_read_timeout(Some(SOURCE_DRAIN)).is_ok() {
-        let _ = conn::count_until_eof(&mut s);
-    }
     Ok(())
 }
