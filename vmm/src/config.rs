@@ -90,6 +90,18 @@ pub struct MachineConfig {
     /// Guest memory page size.
     #[serde(default)]
     pub huge_pages: HugePages,
+    /// Advise transparent huge pages on guest RAM (`MADV_HUGEPAGE`; ours, not
+    /// Firecracker's). Guest RAM is always placed at 2 MiB-aligned host addresses; this
+    /// also asks hosts whose THP mode is `madvise` for huge pages, as qemu does. The guest
+    /// then boots with far fewer second-level page faults; the host grants its memory in
+    /// 2 MiB steps. Ignored with `huge_pages: "2M"` and for restored VMs (their memory is
+    /// a file mapping).
+    #[serde(default = "default_thp")]
+    pub thp: bool,
+}
+
+fn default_thp() -> bool {
+    true
 }
 
 impl Default for MachineConfig {
@@ -99,6 +111,7 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             smt: false,
             huge_pages: HugePages::None,
+            thp: true,
         }
     }
 }
@@ -638,6 +651,7 @@ mod tests {
         let c = VmConfig::from_file(&p).unwrap();
         assert_eq!(c.machine.vcpu_count, 2);
         assert_eq!(c.machine.huge_pages, HugePages::Huge2M);
+        assert!(c.machine.thp, "thp defaults to on");
         assert_eq!(c.console, ConsoleTarget::None);
         assert!(c.boot_timer);
         assert_eq!(c.boot_args(), "console=ttyS0");

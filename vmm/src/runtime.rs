@@ -474,10 +474,12 @@ impl Vmm {
                 for id in guest.subscribers.drain(..) {
                     let _ = self.em.remove_subscriber(id);
                 }
+                crate::vstate::ram::release(&guest.mem);
                 return Err(e.into());
             }
         };
         let subscribers = guest.subscribers.clone();
+        let mem = guest.mem.clone();
         self.install(vcpus, guest, None, msrs);
         self.state = VmState::Paused;
         let seccomp = self.seccomp;
@@ -489,6 +491,7 @@ impl Vmm {
             for id in subscribers {
                 let _ = self.em.remove_subscriber(id);
             }
+            crate::vstate::ram::release(&mem);
             self.state = VmState::NotStarted;
             return Err(e);
         }

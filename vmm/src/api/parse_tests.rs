@@ -188,6 +188,7 @@ fn machine_config() {
             mem_size_mib: 256,
             smt: false,
             huge_pages: HugePages::Huge2M,
+            thp: true,
         })
     );
     bad(

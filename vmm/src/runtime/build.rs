@@ -34,6 +34,7 @@ use crate::config::{ConsoleTarget, HugePages, VmConfig};
 use crate::device_manager::{AttachedVirtio, DeviceManager, EventLoop, VirtioHandle};
 use crate::snapshot::restore::RestoreError;
 use crate::snapshot::state::DevicesState;
+use crate::vstate::ram;
 use crate::vstate::vcpu::{Vcpu, VcpuIo};
 use crate::vstate::vm::Vm;
 
@@ -87,10 +88,13 @@ pub(super) fn build(
     exit_evt: &EventFd,
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
+    let mem = guest_memory(cfg)?;
     let mut dm = DeviceManager::new();
-    let built = build_with(vm, cfg, em, &mut dm, exit_evt, boot_zero);
+    let built = build_with(vm, cfg, mem.clone(), em, &mut dm, exit_evt, boot_zero);
     if built.is_err() {
         dm.unsubscribe_all(em);
+        // The devices are gone; the RAM mapping stays for the process (vstate::ram).
+        ram::release(&mem);
     }
     built
 }
@@ -98,12 +102,12 @@ pub(super) fn build(
 fn build_with(
     vm: Vm,
     cfg: &VmConfig,
+    mem: GuestMemoryMmap,
     em: &mut EventLoop,
     dm: &mut DeviceManager,
     exit_evt: &EventFd,
     boot_zero: BootZero,
 ) -> Result<GuestVm, VmmError> {
-    let mem = guest_memory(cfg)?;
     vm.register_memory(&mem)?;
     let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, None)?;
 
@@ -337,8 +341,12 @@ fn guest_memory(cfg: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
     let mut regions = Vec::new();
     for (start, size) in ranges {
         let len = usize::try_from(size).map_err(|_| err(std::io::Error::other("size")))?;
-        let mapping = MmapRegion::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)
-            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        let mapping = if cfg.machine.huge_pages == HugePages::None {
+            ram::map_aligned(len, cfg.machine.thp).map_err(err)?
+        } else {
+            MmapRegion::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)
+                .map_err(|e| err(std::io::Error::other(e.to_string())))?
+        };
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| err(std::io::Error::other("region overflows the address space")))?;
         regions.push(region);
