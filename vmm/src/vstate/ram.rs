@@ -49,14 +49,18 @@ pub fn map_aligned(len: usize, thp: bool) -> io::Result<MmapRegion> {
     let start = base.next_multiple_of(HUGE_PAGE);
     let head = start - base;
     let tail = total - head - len;
+    // The slack on either side stays reserved, inaccessible, rather than unmapped: a hole
+    // ending at a 2 MiB boundary is where the kernel puts the next small mapping, such as a
+    // thread's 2 MiB stack, which would then be aligned and, on a host whose THP mode is
+    // "always", take a whole huge page of memory.
     // SAFETY: both ranges lie inside the mapping just made, outside `start..start + len`,
     // and nothing refers to them.
     unsafe {
         if head > 0 {
-            libc::munmap(base as *mut libc::c_void, head);
+            libc::mprotect(base as *mut libc::c_void, head, libc::PROT_NONE);
         }
         if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
+            libc::mprotect((start + len) as *mut libc::c_void, tail, libc::PROT_NONE);
         }
     }
     if thp {
