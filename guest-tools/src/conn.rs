@@ -14,8 +14,8 @@ use crate::pattern::{Checker, Pattern};
 
 /// What a per-connection routine needs beyond `Read + Write`: a second handle to the same
 /// connection (one thread writes while another reads) and a half-close that tells the peer
-/// "no more data" while still reading its answer. Implemented for vsock and, for tests,
-/// Unix sockets.
+/// "no more data" while still reading its answer. Implemented for vsock and TCP and, for
+/// tests, Unix sockets.
 pub trait Duplex: Read + Write + Send + Sized + 'static {
     /// Another handle to the same connection.
     fn try_clone(&self) -> io::Result<Self>;
@@ -25,41 +25,25 @@ pub trait Duplex: Read + Write + Send + Sized + 'static {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
-impl Duplex for UnixStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        UnixStream::try_clone(self)
-    }
-    fn shutdown_write(&self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_read_timeout(self, t)
-    }
+/// The three stream types share the same inherent methods (std's sockets and
+/// `agent::vsock::VsockStream` mirror each other), so one body fits all.
+macro_rules! impl_duplex {
+    ($($t:ty),*) => {$(
+        impl Duplex for $t {
+            fn try_clone(&self) -> io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+            fn shutdown_write(&self) -> io::Result<()> {
+                self.shutdown(Shutdown::Write)
+            }
+            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, t)
+            }
+        }
+    )*};
 }
 
-impl Duplex for TcpStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        TcpStream::try_clone(self)
-    }
-    fn shutdown_write(&self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_read_timeout(self, t)
-    }
-}
-
-impl Duplex for VsockStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        VsockStream::try_clone(self)
-    }
-    fn shutdown_write(&self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        VsockStream::set_read_timeout(self, t)
-    }
-}
+impl_duplex!(UnixStream, TcpStream, VsockStream);
 
 /// Read size for echo and checks: large enough that per-call overhead is small next to a
 /// virtio-vsock packet's 64 KiB maximum.
@@ -67,7 +51,7 @@ const IO_CHUNK: usize = 64 * 1024;
 /// Stack of gtool's worker threads: they keep their buffers on the heap, and a stress run
 /// with many connections should not reserve 2 MiB per thread in a small guest.
 pub const THREAD_STACK: usize = 256 * 1024;
-/// Write size of vsock-source.
+/// Write size of vsock-source and tcp-source.
 pub const SOURCE_CHUNK: usize = 256 * 1024;
 
 /// `read` that retries EINTR.
