@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the side-by-side benchmark harness (benches/README.md): builds the release `vmm`,
-# `orchestrator`, `jailer` and `bench` binaries, then runs `target/release/bench ARGS`.
+# `orchestrator`, `jailer` and `bench` binaries (static, under
+# target/x86_64-unknown-linux-gnu/release: .cargo/config.toml), then runs `bench ARGS`.
 # Where this machine's /dev/kvm cannot boot Linux, `bench` itself re-runs inside the KVM
 # test host (tests/testhost/run).
 #
@@ -14,4 +15,4 @@ for f in target/guest/vmlinux target/guest/initramfs.cpio; do
     [[ -e $f ]] || { echo "bench: $f is missing; run scripts/setup.sh" >&2; exit 1; }
 done
 cargo build --release --quiet -p vmm -p orchestrator -p benches
-exec "$repo/target/release/bench" "$@"
+exec "$repo/target/x86_64-unknown-linux-gnu/release/bench" "$@"

@@ -18,8 +18,8 @@ busybox=/bin/busybox
 [[ -x $busybox ]] || { echo "build-images: $busybox missing; install busybox-static (scripts/setup.sh does)" >&2; exit 1; }
 
 echo "images: building static guest-init and gtool"
-( cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --release -p guest-init -p guest-tools --target x86_64-unknown-linux-gnu )
+( cd "$repo" &&
+    cargo build --quiet --release -p guest-init -p guest-tools )
 for bin in guest-init gtool; do
     install -m 0755 "$repo/target/x86_64-unknown-linux-gnu/release/$bin" "$out/$bin"
     if readelf -d "$out/$bin" | grep -q NEEDED; then

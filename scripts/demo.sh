@@ -7,7 +7,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 g=target/guest
-demo_cmd=(target/release/vmm --kernel "$g/vmlinux" --initrd "$g/initramfs.cpio" --vcpus 2
+demo_cmd=(target/x86_64-unknown-linux-gnu/release/vmm --kernel "$g/vmlinux" --initrd "$g/initramfs.cpio" --vcpus 2
     --memory-mib 256 --boot-timer --cmdline "console=ttyS0 reboot=k panic=-1 quiet")
 if [[ -e /sys/module/kvm_amd || -e /sys/module/kvm_intel ]] && [[ ! -e /sys/module/kvm_pvm ]]; then
     echo "demo: booting on this machine's KVM"

@@ -95,7 +95,7 @@ real_guest_pass seccomp
 # Pass 2: every VMM under the jailer (tests/src/jail.rs): chroot, namespaces, uid 10123.
 step "real-guest tests again, every VMM under the jailer"
 cargo build --quiet -p orchestrator --bin jailer
-export VMM_TEST_JAILER="$repo/target/debug/jailer"
+export VMM_TEST_JAILER="$repo/target/x86_64-unknown-linux-gnu/debug/jailer"
 # The orchestrator's own tests always jail their VMMs (the daemon runs the jailer), so
 # pass 1 already ran them exactly as pass 2 would.
 bins=$(echo "$bins" | grep -v -E '/(orchestrator_guest|hibernate_guest|jailer_guest)-[0-9a-f]+$')

@@ -582,9 +582,9 @@ fn creates_per_s_once(
 /// Where the daemon's binaries and the guest's files come from (copied at start).
 #[derive(Debug, Clone)]
 pub struct OrchInputs {
-    /// `target/release/orchestrator` (run in place: it starts once).
+    /// `target/x86_64-unknown-linux-gnu/release/orchestrator` (run in place: it starts once).
     pub orchestrator: PathBuf,
-    /// `target/release/jailer`.
+    /// `target/x86_64-unknown-linux-gnu/release/jailer`.
     pub jailer: PathBuf,
     /// Our `vmm`.
     pub vmm: PathBuf,

@@ -442,7 +442,7 @@ struct Staged {
 impl Staged {
     fn new(repo: &Path) -> Result<Staged> {
         let source = Inputs {
-            vmm: repo.join("target/release/vmm"),
+            vmm: repo.join(RELEASE_DIR).join("vmm"),
             kernel: repo.join("target/guest/vmlinux"),
             initrd: repo.join("target/guest/initramfs.cpio"),
         };
@@ -472,6 +472,10 @@ impl Drop for Staged {
     }
 }
 
+/// Where `cargo build --release` puts the workspace's binaries: the explicit target of
+/// `.cargo/config.toml` (static builds).
+const RELEASE_DIR: &str = "target/x86_64-unknown-linux-gnu/release";
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -481,22 +485,22 @@ fn repo_root() -> PathBuf {
 fn check_inputs(repo: &Path, chosen: &[Workload]) -> Result<()> {
     let mut needed = vec![
         (
-            "target/release/vmm",
+            format!("{RELEASE_DIR}/vmm"),
             "cargo build --release -p vmm (scripts/bench.sh does)",
         ),
-        ("target/guest/vmlinux", "scripts/setup.sh"),
-        ("target/guest/initramfs.cpio", "scripts/setup.sh"),
+        ("target/guest/vmlinux".into(), "scripts/setup.sh"),
+        ("target/guest/initramfs.cpio".into(), "scripts/setup.sh"),
     ];
     if chosen.iter().any(|w| matches!(w.probe, Probe::Orch(_))) {
         let build = "cargo build --release -p orchestrator (scripts/bench.sh does)";
         needed.extend([
-            ("target/release/orchestrator", build),
-            ("target/release/jailer", build),
-            ("target/guest/rootfs.ext4", "scripts/setup.sh"),
+            (format!("{RELEASE_DIR}/orchestrator"), build),
+            (format!("{RELEASE_DIR}/jailer"), build),
+            ("target/guest/rootfs.ext4".into(), "scripts/setup.sh"),
         ]);
     }
     for (path, how) in needed {
-        if !repo.join(path).exists() {
+        if !repo.join(&path).exists() {
             bail!("{path} is missing: run {how}");
         }
     }
@@ -1109,8 +1113,8 @@ fn real_main() -> Result<ExitCode> {
     // destroys its VMs, stops it and removes its bridge and directory.
     let mut orch = Orch::new(
         OrchInputs {
-            orchestrator: repo.join("target/release/orchestrator"),
-            jailer: repo.join("target/release/jailer"),
+            orchestrator: repo.join(RELEASE_DIR).join("orchestrator"),
+            jailer: repo.join(RELEASE_DIR).join("jailer"),
             vmm: staged.inputs.vmm.clone(),
             kernel: staged.inputs.kernel.clone(),
             rootfs: repo.join("target/guest/rootfs.ext4"),
