@@ -3,7 +3,7 @@
 //! /dev/kvm, creating the VM, its memory and its devices, spawning threads) is not part
 //! of it. What is left is the event loop and the API's actions:
 //! - the loop: epoll over eventfds, the signalfd, timerfds, taps and unix sockets;
-//! - virtio-blk (pread/pwrite/fdatasync), virtio-net (tap read/writev, offloads),
+//! - virtio-blk (preadv/pwritev/fdatasync), virtio-net (tap read/writev, offloads),
 //!   virtio-vsock (unix sockets: accept host clients, connect to `PATH_port`), virtio-rng
 //!   (getrandom), console input (stdin);
 //! - pause/resume (kick the vCPUs, kvmclock), snapshot create (KVM_GET_* of the VM, the
@@ -30,9 +30,11 @@ pub(super) fn add(p: &mut Policy) {
     // virtio-net transmits a frame gathered from guest memory in one writev; std's
     // vectored writes on sockets use it too.
     p.allow(libc::SYS_writev);
-    // virtio-blk reads and writes the disk image at the request's offset, one segment
-    // at a time (no preadv/pwritev); the snapshot writes memory pages at their offset
-    // and reads /proc/self/pagemap.
+    // virtio-blk reads and writes a request's buffers at its offset on the disk image in
+    // one preadv/pwritev; the snapshot writes memory pages at their offset and reads
+    // /proc/self/pagemap (pwrite64/pread64).
+    p.allow(libc::SYS_preadv);
+    p.allow(libc::SYS_pwritev);
     p.allow(libc::SYS_pread64);
     p.allow(libc::SYS_pwrite64);
     // virtio-blk FLUSH (fdatasync); snapshot files and their directory (fsync).

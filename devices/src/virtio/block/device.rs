@@ -1,7 +1,8 @@
 //! The virtio-blk device: Inactive until the transport activates it with its one queue,
 //! then Active, processing requests on the event loop; reset returns it to Inactive.
 //!
-//! I/O is synchronous pread/pwrite straight into guest memory on the event-loop thread.
+//! I/O is synchronous preadv/pwritev (one call per request) straight into guest memory on
+//! the event-loop thread.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};

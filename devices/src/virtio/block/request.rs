@@ -347,14 +347,16 @@ impl Request {
     ) -> Result<u32, RequestError> {
         match self.request_type {
             RequestType::In => {
-                self.transfer(mem, |off, slice| disk.read_at(off, slice))?;
+                disk.read_vectored_at(self.offset(), &self.slices(mem)?)
+                    .map_err(RequestError::Io)?;
                 u32::try_from(self.data_len).map_err(|_| RequestError::TooLong(self.data_len))
             }
             RequestType::Out => {
                 if read_only {
                     return Err(RequestError::ReadOnly);
                 }
-                self.transfer(mem, |off, slice| disk.write_at(off, slice))?;
+                disk.write_vectored_at(self.offset(), &self.slices(mem)?)
+                    .map_err(RequestError::Io)?;
                 Ok(0)
             }
             RequestType::Flush => {
@@ -389,23 +391,26 @@ impl Request {
         }
     }
 
-    /// Walks the data buffers in order, `sector * 512` onward, calling `op` on each
-    /// contiguous host slice (a buffer may span guest memory regions).
-    fn transfer<F>(&self, mem: &GuestMemoryMmap, mut op: F) -> Result<(), RequestError>
-    where
-        F: FnMut(u64, &vm_memory::VolatileSlice<'_>) -> io::Result<()>,
-    {
-        // parse() checked sector * 512 + data_len against the capacity.
-        let mut off = self.sector.saturating_mul(SECTOR_SIZE);
+    /// Where the data starts on the disk. parse() checked `sector * 512 + data_len`
+    /// against the capacity.
+    fn offset(&self) -> u64 {
+        self.sector.saturating_mul(SECTOR_SIZE)
+    }
+
+    /// The data buffers as host slices, in order (a buffer that spans guest memory regions
+    /// gives one slice per region).
+    fn slices<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Vec<vm_memory::VolatileSlice<'m>>, RequestError> {
+        let mut out = Vec::with_capacity(self.data.len());
         for s in &self.data {
             let len = usize::try_from(s.len).map_err(|_| RequestError::Memory)?;
             for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
-                let slice = slice.map_err(|_| RequestError::Memory)?;
-                op(off, &slice).map_err(RequestError::Io)?;
-                off = off.saturating_add(slice.len() as u64);
+                out.push(slice.map_err(|_| RequestError::Memory)?);
             }
         }
-        Ok(())
+        Ok(out)
     }
 }
 
