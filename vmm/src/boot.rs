@@ -188,19 +188,24 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// Loads `kernel` (ELF vmlinux or bzImage), the optional initrd and the command line, and
-/// writes the boot data for the entry the kernel supports: PVH when the ELF has the PVH
-/// note, the 64-bit Linux boot protocol otherwise.
-pub fn load(
+/// The kernel and initrd as loaded into guest memory, before the boot data is written.
+pub struct Images {
+    kernel: Loaded,
+    /// `(address, size)` of the initrd.
+    initrd: Option<(u64, u64)>,
+}
+
+/// Loads `kernel` (ELF vmlinux or bzImage) and the optional initrd into guest memory. This
+/// is the costly part of loading (copying megabytes into fresh memory), and it needs
+/// neither the KVM VM nor the final command line, so it can run while the VM is being
+/// created; [`write_boot_data`] finishes the job.
+pub fn load_images(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
     kernel: &Path,
     initrd: Option<&Path>,
-    cmdline: &Cmdline,
-) -> Result<BootEntry, BootError> {
+) -> Result<Images, BootError> {
     let loaded = load_kernel(mem, kernel)?;
-    let header = loaded.result.setup_header;
-    let initrd_max = match header {
+    let initrd_max = match loaded.result.setup_header {
         Some(h) if h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
         _ => u64::from(u32::MAX),
     };
@@ -208,6 +213,36 @@ pub fn load(
         Some(p) => Some(load_initrd(mem, p, loaded.result.kernel_end, initrd_max)?),
         None => None,
     };
+    Ok(Images {
+        kernel: loaded,
+        initrd,
+    })
+}
+
+/// Loads `kernel`, the optional initrd and the command line in one go: [`load_images`],
+/// then [`write_boot_data`].
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &Cmdline,
+) -> Result<BootEntry, BootError> {
+    let images = load_images(mem, kernel, initrd)?;
+    write_boot_data(mem, mem_size, &images, cmdline)
+}
+
+/// Writes the command line and the boot data for the entry the loaded kernel supports:
+/// PVH when the ELF has the PVH note, the 64-bit Linux boot protocol otherwise.
+pub fn write_boot_data(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    images: &Images,
+    cmdline: &Cmdline,
+) -> Result<BootEntry, BootError> {
+    let loaded = &images.kernel;
+    let initrd = images.initrd;
+    let header = loaded.result.setup_header;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
         .map_err(|_| BootError::Write("the command line"))?;
     let cmdline_len = cmdline

@@ -311,12 +311,32 @@ pub struct Vmm {
 /// What the pre-warm thread makes: creating a KVM VM (KVM_GET_SUPPORTED_CPUID,
 /// KVM_CREATE_VM, the in-kernel irqchip and PIT) and listing the MSRs to snapshot are the
 /// same for every boot and restore, so an API-driven VMM does them before it is asked,
-/// off the load call's path. A failure is not reported here: the VM is then made again
-/// at start, where its error is reported.
+/// off the load call's path, and a boot does them while it loads the kernel. A failure is
+/// not reported here: the VM is then made again at start, where its error is reported.
 struct Warm(std::thread::JoinHandle<WarmResult>);
 
 /// The pre-warmed VM (or why it could not be made) and MSR list.
 type WarmResult = (Result<Vm, VmError>, Option<Vec<u32>>);
+
+/// A VM on its way: being made on the pre-warm thread, or (`None`) made when taken.
+pub(super) struct PendingVm(Option<Warm>);
+
+impl PendingVm {
+    /// The VM with (`irqchip`) or without an in-kernel irqchip and PIT: the pre-warmed one
+    /// when it fits and was made, else a new one (whose error, if any, is the one
+    /// reported); and the pre-warmed MSR list, if any.
+    pub(super) fn take(self, irqchip: bool) -> Result<(Vm, Option<Vec<u32>>), VmmError> {
+        let (warm_vm, msrs) = match self.0.map(|w| w.0.join()) {
+            Some(Ok((vm, msrs))) => (vm.ok(), msrs),
+            _ => (None, None),
+        };
+        let vm = match warm_vm {
+            Some(vm) if irqchip => vm,
+            _ => Vm::new(irqchip)?,
+        };
+        Ok((vm, msrs))
+    }
+}
 
 impl Warm {
     fn start() -> Option<Warm> {
@@ -424,15 +444,7 @@ impl Vmm {
     /// A VM with (`irqchip`) or without an in-kernel irqchip and PIT: the pre-warmed one
     /// when it fits and was made, else a new one; and the pre-warmed MSR list, if any.
     fn take_vm(&mut self, irqchip: bool) -> Result<(Vm, Option<Vec<u32>>), VmmError> {
-        let (warm_vm, msrs) = match self.warm.take().map(|w| w.0.join()) {
-            Some(Ok((vm, msrs))) => (vm.ok(), msrs),
-            _ => (None, None),
-        };
-        let vm = match warm_vm {
-            Some(vm) if irqchip => vm,
-            _ => Vm::new(irqchip)?,
-        };
-        Ok((vm, msrs))
+        PendingVm(self.warm.take()).take(irqchip)
     }
 
     /// Where the VM is in its life.
@@ -460,8 +472,12 @@ impl Vmm {
                 "InstanceStart"
             },
         };
-        let (vm, msrs) = self.take_vm(true)?;
-        let mut guest = build::build(vm, &self.config, &mut self.em, &self.exit_evt, zero)?;
+        // The VM is made on its own thread (unless an API-driven VMM pre-warmed it already)
+        // while `build` maps guest RAM and loads the kernel and initrd, which need no VM.
+        // Creating a KVM VM partly waits in the kernel, so this gains even on one CPU.
+        let pending = PendingVm(self.warm.take().or_else(Warm::start));
+        let (mut guest, msrs) =
+            build::build(pending, &self.config, &mut self.em, &self.exit_evt, zero)?;
         // Parked first, so that the seccomp filters are in before any guest code runs.
         let vcpus = match VcpuSet::start_paused(
             std::mem::take(&mut guest.vcpus),

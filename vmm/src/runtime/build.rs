@@ -1,7 +1,8 @@
-//! Builds a VM from a [`VmConfig`], in DESIGN.md's boot order: create the VM with its
-//! irqchip and PIT; map guest memory; attach the legacy devices; attach the virtio devices
-//! (each adds its `virtio_mmio.device=` entry); load the kernel, initrd and command line;
-//! write the MP table; configure the vCPUs. Starting the vCPU threads is the caller's step.
+//! Builds a VM from a [`VmConfig`]: map guest memory and load the kernel and initrd into it
+//! while the VM (with its irqchip and PIT) is made on another thread; then register the
+//! memory; attach the legacy devices; attach the virtio devices (each adds its
+//! `virtio_mmio.device=` entry); write the command line and boot data; write the MP table;
+//! configure the vCPUs. Starting the vCPU threads is the caller's step.
 //!
 //! A failed build leaves nothing behind: what was built is dropped and the devices already
 //! subscribed to the event loop are taken off it, so an API client can fix the
@@ -26,7 +27,7 @@ use event_manager::SubscriberId;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{host, VmmError};
+use super::{host, PendingVm, VmmError};
 use crate::arch::layout::{ram_regions, MPTABLE_ADDR};
 use crate::arch::mptable;
 use crate::boot::{self, append_cmdline, make_cmdline};
@@ -79,15 +80,16 @@ pub(super) struct BootZero {
     pub name: &'static str,
 }
 
-/// Builds the VM `cfg` describes. Its devices join `em`; its vCPUs and the i8042 reset line
-/// will write `exit_evt`.
+/// Builds the VM `cfg` describes on the VM `vm` brings (with irqchip and PIT). Its devices
+/// join `em`; its vCPUs and the i8042 reset line will write `exit_evt`. Returns the VM and
+/// the MSR list `vm` came with, if any.
 pub(super) fn build(
-    vm: Vm,
+    vm: PendingVm,
     cfg: &VmConfig,
     em: &mut EventLoop,
     exit_evt: &EventFd,
     boot_zero: BootZero,
-) -> Result<GuestVm, VmmError> {
+) -> Result<(GuestVm, Option<Vec<u32>>), VmmError> {
     let mem = guest_memory(cfg)?;
     let mut dm = DeviceManager::new();
     let built = build_with(vm, cfg, mem.clone(), em, &mut dm, exit_evt, boot_zero);
@@ -100,22 +102,28 @@ pub(super) fn build(
 }
 
 fn build_with(
-    vm: Vm,
+    pending: PendingVm,
     cfg: &VmConfig,
     mem: GuestMemoryMmap,
     em: &mut EventLoop,
     dm: &mut DeviceManager,
     exit_evt: &EventFd,
     boot_zero: BootZero,
-) -> Result<GuestVm, VmmError> {
-    vm.register_memory(&mem)?;
-    let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, None)?;
-
+) -> Result<(GuestVm, Option<Vec<u32>>), VmmError> {
+    // The command line's own checks come before the costly loading.
     let mut cmdline = make_cmdline(cfg.boot_args())?;
     append_cmdline(
         &mut cmdline,
         &format!("gi.statusport={STATUS_PORT_BASE:#x}"),
     )?;
+    let images = boot::load_images(
+        &mem,
+        &cfg.boot_source.kernel_image_path,
+        cfg.boot_source.initrd_path.as_deref(),
+    )?;
+    let (vm, msrs) = pending.take(true)?;
+    vm.register_memory(&mem)?;
+    let legacy = legacy_devices(&vm, cfg, exit_evt, boot_zero, None)?;
     let mut device_counters: Vec<(String, CounterSource)> = Vec::new();
     for drive in cfg.ordered_drives() {
         let blk = Block::new(
@@ -160,13 +168,7 @@ fn build_with(
         dm.attach(&vm, &mem, &mut cmdline, em, dev, "rng")?;
     }
     let mem_bytes = cfg.machine.mem_size_mib << 20;
-    let entry = boot::load(
-        &mem,
-        mem_bytes,
-        &cfg.boot_source.kernel_image_path,
-        cfg.boot_source.initrd_path.as_deref(),
-        &cmdline,
-    )?;
+    let entry = boot::write_boot_data(&mem, mem_bytes, &images, &cmdline)?;
     let count = u8::try_from(cfg.machine.vcpu_count)
         .map_err(|_| VmmError::Host("vcpu_count over 254".into()))?;
     let table = mptable::build(MPTABLE_ADDR, count)
@@ -180,14 +182,8 @@ fn build_with(
         v.configure(&vm, count, (id == 0).then_some((&mem, entry)))?;
         vcpus.push(v);
     }
-    Ok(GuestVm::assemble(
-        vm,
-        mem,
-        vcpus,
-        legacy,
-        dm,
-        device_counters,
-    ))
+    let guest = GuestVm::assemble(vm, mem, vcpus, legacy, dm, device_counters);
+    Ok((guest, msrs))
 }
 
 impl GuestVm {
