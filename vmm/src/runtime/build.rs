@@ -80,9 +80,10 @@ pub(super) struct BootZero {
     pub name: &'static str,
 }
 
-/// Builds the VM `cfg` describes on the VM `vm` brings (with irqchip and PIT). Its devices
-/// join `em`; its vCPUs and the i8042 reset line will write `exit_evt`. Returns the VM and
-/// the MSR list `vm` came with, if any.
+/// Builds the VM `cfg` describes on the KVM VM that `vm` yields (with irqchip and PIT),
+/// taken once the kernel and initrd are in guest memory. Its devices join `em`; its vCPUs
+/// and the i8042 reset line will write `exit_evt`. Returns the built VM and the MSR list
+/// `vm` came with, if any.
 pub(super) fn build(
     vm: PendingVm,
     cfg: &VmConfig,
