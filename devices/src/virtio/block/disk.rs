@@ -113,6 +113,15 @@ fn transfer_vectored(
     Ok(())
 }
 
+/// One iovec per `(pointer, length)`.
+fn iovecs(bufs: impl Iterator<Item = (*mut u8, usize)>) -> Vec<libc::iovec> {
+    bufs.map(|(base, len)| libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    })
+    .collect()
+}
+
 impl Disk for RawFile {
     fn size(&self) -> u64 {
         self.size
@@ -121,14 +130,7 @@ impl Disk for RawFile {
     fn read_vectored_at(&mut self, offset: u64, dst: &[VolatileSlice<'_>]) -> io::Result<()> {
         // The guards keep the guest memory mapped until the read is done.
         let guards: Vec<_> = dst.iter().map(VolatileSlice::ptr_guard_mut).collect();
-        let mut iov: Vec<libc::iovec> = guards
-            .iter()
-            .zip(dst)
-            .map(|(g, s)| libc::iovec {
-                iov_base: g.as_ptr().cast(),
-                iov_len: s.len(),
-            })
-            .collect();
+        let mut iov = iovecs(guards.iter().zip(dst).map(|(g, s)| (g.as_ptr(), s.len())));
         transfer_vectored(&self.file, offset, &mut iov, false)?;
         for s in dst {
             s.bitmap().mark_dirty(0, s.len());
@@ -138,14 +140,13 @@ impl Disk for RawFile {
 
     fn write_vectored_at(&mut self, offset: u64, src: &[VolatileSlice<'_>]) -> io::Result<()> {
         let guards: Vec<_> = src.iter().map(VolatileSlice::ptr_guard).collect();
-        let mut iov: Vec<libc::iovec> = guards
-            .iter()
-            .zip(src)
-            .map(|(g, s)| libc::iovec {
-                iov_base: g.as_ptr().cast_mut().cast(),
-                iov_len: s.len(),
-            })
-            .collect();
+        // pwritev only reads through these pointers; iovec has no const flavour.
+        let mut iov = iovecs(
+            guards
+                .iter()
+                .zip(src)
+                .map(|(g, s)| (g.as_ptr().cast_mut(), s.len())),
+        );
         transfer_vectored(&self.file, offset, &mut iov, true)
     }
 
