@@ -207,6 +207,27 @@ fn bad_manifests_and_bodies_are_refused_with_the_field_and_create_nothing() {
     let huge = format!("{{\"x\": \"{}\"}}", "y".repeat(2 << 20));
     let answer = raw_request(&api.dir.join("o.sock"), "POST", "/v1/manifests", huge);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""kind":"payload_too_large""#), "{answer}");
+    // What axum answers by itself has the same JSON shape: a wrong method (naming the
+    // methods served), a path segment that is not UTF-8 once decoded, a bad query.
+    let (st, v, body) = api.call("PUT", "/v1/vms", Some("{}"));
+    assert_eq!(st, 405, "{body}");
+    assert_eq!(v["error"]["kind"], "method_not_allowed", "{body}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("GET") && message.contains("POST"),
+        "{body}"
+    );
+    let (st, v, body) = api.call("GET", "/v1/vms/%ff", None);
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(v["error"]["kind"], "bad_request", "{body}");
+    assert!(
+        !v["error"]["message"].as_str().unwrap().is_empty(),
+        "{body}"
+    );
+    let (st, v, body) = api.call("GET", "/v1/vms/x/logs?offset=minus", None);
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(v["error"]["kind"], "bad_request", "{body}");
 
     // VM bodies: wrong types, unknown fields, unknown manifest, bad id, missing kernel.
     let mut nokernel = manifest(&api, "nokernel");
@@ -225,10 +246,57 @@ fn bad_manifests_and_bodies_are_refused_with_the_field_and_create_nothing() {
         assert_eq!(st, status, "{body}: {text}");
         assert!(text.contains(needle), "{body}: {text}");
     }
+    // A create that fails on its id or its manifest takes no host port: with the port held
+    // here, binding it first would have answered 409.
+    let held = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = held.local_addr().unwrap().port();
+    let pf = json!({"host_port": port, "guest_port": 80});
+    for (body, status, needle) in [
+        (
+            json!({"manifest": "missing", "port_forward": pf}),
+            404,
+            "missing",
+        ),
+        (
+            json!({"manifest": "nokernel", "id": "bad id!", "port_forward": pf}),
+            400,
+            "id",
+        ),
+    ] {
+        let (st, _, text) = api.call("POST", "/v1/vms", Some(&body.to_string()));
+        assert_eq!(st, status, "{body}: {text}");
+        assert!(text.contains(needle), "{body}: {text}");
+    }
+    drop(held);
     let (st, _, text) = api.call("POST", "/v1/vms/none/exec", Some(r#"{"argv": []}"#));
     assert_eq!(st, 400, "{text}");
     let (st, _, text) = api.call("POST", "/v1/vms/none/exec", Some(r#"{"argv": ["ls"]}"#));
     assert_eq!(st, 404, "{text}");
+    // Ids nobody created leave nothing behind in the daemon.
+    for i in 0..50 {
+        for (method, path, body) in [
+            (
+                "POST",
+                format!("/v1/vms/ghost-{i}/exec"),
+                Some(r#"{"argv": ["ls"]}"#),
+            ),
+            ("POST", format!("/v1/vms/ghost-{i}/stop"), None),
+            ("DELETE", format!("/v1/vms/ghost-{i}"), None),
+        ] {
+            let (st, _, text) = api.call(method, &path, body);
+            assert_eq!(st, 404, "{method} {path}: {text}");
+        }
+    }
+    assert!(
+        api.daemon.vm_locks.len() <= 1,
+        "{}",
+        api.daemon.vm_locks.len()
+    );
+    assert!(
+        api.daemon.agent_slots.len() <= 1,
+        "{}",
+        api.daemon.agent_slots.len()
+    );
     let (_, v, _) = api.call("GET", "/v1/vms", None);
     assert_eq!(v, json!([]), "nothing was created");
     let (_, v, _) = api.call("GET", "/v1", None);

@@ -30,6 +30,9 @@ use crate::store::VmState;
 
 type Shared = Arc<Daemon>;
 
+/// The largest request body: a manifest at its limit, with room for the rest.
+const MAX_BODY_BYTES: usize = MAX_MANIFEST_BYTES + 4096;
+
 impl IntoResponse for OpError {
     fn into_response(self) -> Response {
         let status = match self.kind {
@@ -48,9 +51,69 @@ impl IntoResponse for OpError {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Internal => "internal",
         };
-        let body = json!({"error": {"kind": kind, "message": self.message, "fields": self.fields}});
-        (status, axum::Json(body)).into_response()
+        error_response(status, kind, &self.message, &self.fields)
     }
+}
+
+/// The one shape of every error answer: `{"error": {"kind", "message", "fields"}}`.
+fn error_response(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    fields: &[FieldError],
+) -> Response {
+    let body = json!({"error": {"kind": kind, "message": message, "fields": fields}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// Gives the answers axum makes by itself (a wrong method, a body over the limit, a path
+/// or query it cannot decode) the same JSON shape as the handlers' errors. Their text
+/// becomes the message, and a 405 names the methods its `Allow` header lists.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (kind, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!("method {method} is not served here; allowed: {allow}"),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            format!("request body over the {MAX_BODY_BYTES} byte limit"),
+        ),
+        StatusCode::NOT_FOUND => ("not_found", text),
+        s if s.is_server_error() => ("internal", text),
+        _ => ("bad_request", text),
+    };
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        message
+    };
+    let mut out = error_response(status, kind, &message, &[]);
+    if let Some(v) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, v.clone());
+    }
+    out
 }
 
 fn bad_body(e: serde_json::Error) -> OpError {
@@ -173,11 +236,17 @@ struct CreateBody {
 async fn create_vm(State(d): State<Shared>, body: Bytes) -> Result<Response, OpError> {
     let b: CreateBody = parse_body(&body)?;
     let id = b.id.clone().unwrap_or_else(vm::new_vm_id);
+    vm::check_id(&id)?;
     let lock = d.vm_lock(&id);
     let _g = lock.lock().await;
-    // The forward's host port is taken first: one in use fails the create with nothing made.
+    // The forward's host port is taken before the VM is made: one in use fails the create
+    // with nothing made. A create that would fail on its manifest binds no port.
     let listener = match b.port_forward {
-        Some(pf) => Some((pf, forward::bind(&id, pf)?)),
+        Some(pf) => {
+            let name = b.manifest.clone();
+            blocking(&d, move |d| Ok(d.with_store(|s| s.get_manifest(&name))?)).await?;
+            Some((pf, forward::bind(&id, pf)?))
+        }
         None => None,
     };
     let pf = b.port_forward;
@@ -498,6 +567,15 @@ async fn not_found() -> OpError {
 
 /// The router, shared by both listeners.
 pub fn router(d: Shared) -> Router {
+    // The JSON layer wraps the whole inner router, so it sees a 405 after the method router
+    // has added its `Allow` header.
+    Router::new()
+        .fallback_service(routes(d))
+        .layer(axum::middleware::from_fn(json_errors))
+}
+
+/// Every endpoint, with its handlers.
+fn routes(d: Shared) -> Router {
     Router::new()
         .route("/v1", get(info))
         .route("/v1/manifests", get(list_manifests).post(add_manifest))
@@ -515,7 +593,7 @@ pub fn router(d: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_MANIFEST_BYTES + 4096))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(d)
 }
 
@@ -528,8 +606,12 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        let body = json!({"error": {"kind": "unauthorized", "message": "missing or wrong bearer token", "fields": []}});
-        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+            &[],
+        );
     }
     next.run(req).await
 }

@@ -101,7 +101,7 @@ pub struct Daemon {
     /// The state database (one connection; every use is short).
     pub store: Mutex<Store>,
     /// Per-VM locks: one lifecycle operation at a time per VM.
-    pub vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub vm_locks: Keyed<tokio::sync::Mutex<()>>,
     /// Latency samples.
     pub latencies: Mutex<Latencies>,
     /// Per-VM use: operations in flight and the last time one ended (idle hibernation).
@@ -109,11 +109,46 @@ pub struct Daemon {
     /// Content hashes of kernels, images and the VMM (template keys).
     pub file_hashes: template::HashCache,
     /// Per-manifest template build locks.
-    pub template_locks: template::Locks,
+    pub template_locks: Keyed<Mutex<()>>,
     /// Port forward listeners, by VM.
     pub forwards: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// Per-VM limits on the daemon's agent connections (guest-init serves a few at once).
-    pub agent_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    pub agent_slots: Keyed<tokio::sync::Semaphore>,
+}
+
+/// Shared objects by name (locks, semaphores), made on first use and dropped once nobody
+/// holds them: the names come from clients, and a long-running daemon must not keep one
+/// for every id it was ever asked about.
+pub struct Keyed<T>(Mutex<HashMap<String, Arc<T>>>);
+
+impl<T> Default for Keyed<T> {
+    fn default() -> Self {
+        Keyed(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> Keyed<T> {
+    /// The object named `key`, made with `make` if nobody holds one.
+    pub fn get_with(&self, key: &str, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // An entry only the map refers to is neither held nor waited on: it can go. Every
+        // clone is taken under this same mutex, so none can appear while this runs.
+        map.retain(|_, v| Arc::strong_count(v) > 1);
+        Arc::clone(
+            map.entry(key.to_string())
+                .or_insert_with(|| Arc::new(make())),
+        )
+    }
+
+    /// How many names are held now.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// How busy a VM is.
@@ -131,24 +166,20 @@ impl Daemon {
         Daemon {
             config,
             store: Mutex::new(store),
-            vm_locks: Mutex::new(HashMap::new()),
+            vm_locks: Keyed::default(),
             latencies: Mutex::new(Latencies::default()),
             activity: Mutex::new(HashMap::new()),
             file_hashes: template::HashCache::default(),
-            template_locks: template::Locks::default(),
+            template_locks: Keyed::default(),
             forwards: Mutex::new(HashMap::new()),
-            agent_slots: Mutex::new(HashMap::new()),
+            agent_slots: Keyed::default(),
         }
     }
 
     /// The semaphore bounding the daemon's agent connections to VM `id`.
     pub fn agent_slots(&self, id: &str) -> Arc<tokio::sync::Semaphore> {
         self.agent_slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(hibernate::AGENT_SLOTS)))
-            .clone()
+            .get_with(id, || tokio::sync::Semaphore::new(hibernate::AGENT_SLOTS))
     }
 
     /// Runs `f` with the database.
@@ -164,11 +195,7 @@ impl Daemon {
 
     /// The lock serialising lifecycle operations on VM `id`.
     pub fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = match self.vm_locks.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        locks.entry(id.to_string()).or_default().clone()
+        self.vm_locks.get_with(id, Default::default)
     }
 
     /// An operation on VM `id` begins.
@@ -191,6 +218,12 @@ impl Daemon {
         }
     }
 
+    /// Forgets VM `id`'s activity (the VM is gone).
+    pub fn forget_activity(&self, id: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.remove(id);
+    }
+
     /// VM `id`'s activity (none recorded yet: idle from now on).
     pub fn activity(&self, id: &str) -> Activity {
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
@@ -202,7 +235,7 @@ impl Daemon {
 
     /// The lock serialising builds of manifest `name`'s template.
     pub fn template_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        self.template_locks.get(name)
+        self.template_locks.get_with(name, Default::default)
     }
 
     /// Records a hibernation's duration.
@@ -294,4 +327,56 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(hibernate::idle_loop(Arc::clone(&daemon)));
         api::serve(daemon).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_objects_are_shared_while_held_and_dropped_after() {
+        let k: Keyed<Mutex<()>> = Keyed::default();
+        let a = k.get_with("vm-a", Default::default);
+        let guard = a.lock().unwrap();
+        // The same lock while it is held: a second user cannot take it.
+        let again = k.get_with("vm-a", Default::default);
+        assert!(Arc::ptr_eq(&a, &again));
+        assert!(again.try_lock().is_err());
+        drop(guard);
+        drop(again);
+        // Names nobody holds any more go at the next use, whatever the name asked for.
+        for i in 0..1000 {
+            drop(k.get_with(&format!("made-up-{i}"), Default::default));
+        }
+        assert_eq!(
+            k.len(),
+            2,
+            "vm-a, held here, and the last name, until the next use"
+        );
+        drop(a);
+        let _b = k.get_with("vm-b", Default::default);
+        assert_eq!(
+            k.len(),
+            1,
+            "vm-a went once unheld, and so did the last name"
+        );
+    }
+
+    #[test]
+    fn keyed_semaphores_keep_their_count_while_permits_are_out() {
+        let k: Keyed<tokio::sync::Semaphore> = Keyed::default();
+        let permit = k
+            .get_with("vm-a", || tokio::sync::Semaphore::new(2))
+            .try_acquire_owned()
+            .unwrap();
+        // The map's Arc and the permit's: the entry stays, one permit left.
+        let s = k.get_with("vm-a", || tokio::sync::Semaphore::new(2));
+        assert_eq!(s.available_permits(), 1);
+        drop(s);
+        drop(permit);
+        let _other = k.get_with("vm-b", || tokio::sync::Semaphore::new(2));
+        assert_eq!(k.len(), 1);
+        let s = k.get_with("vm-a", || tokio::sync::Semaphore::new(2));
+        assert_eq!(s.available_permits(), 2);
+    }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde_json::json;
@@ -246,22 +246,6 @@ pub fn clean_partial(d: &Daemon) -> Vec<String> {
         }
     }
     removed
-}
-
-/// Per-manifest build locks.
-#[derive(Default)]
-pub struct Locks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
-
-impl Locks {
-    /// The lock of manifest `name`'s template.
-    pub fn get(&self, name: &str) -> Arc<Mutex<()>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
-    }
 }
 
 #[cfg(test)]

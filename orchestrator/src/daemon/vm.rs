@@ -189,23 +189,25 @@ pub fn new_vm_id() -> String {
     format!("vm-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
 
+/// Refuses a VM id that cannot name the VM's netns, veth, jail and cgroups: the tightest
+/// of their rules (netsetup's) applies, checked before anything is created.
+pub fn check_id(id: &str) -> Result<(), OpError> {
+    netsetup::validate_vm_id(id).map_err(|e| OpError {
+        kind: ErrorKind::BadRequest,
+        message: format!("invalid VM id {id:?}: {e}"),
+        fields: vec![FieldError {
+            path: "id".into(),
+            reason: e.to_string(),
+        }],
+    })
+}
+
 /// Creates, boots and hands the manifest to a VM; returns its record once `running`.
 /// Blocking: run it on the blocking pool.
 pub fn create(d: &Daemon, manifest_name: &str, id: Option<String>) -> Result<VmRecord, OpError> {
     let started = Instant::now();
     let id = id.unwrap_or_else(new_vm_id);
-    // The id names the netns, the veth, the jail and the cgroups: the tightest of their
-    // rules (netsetup's) applies, checked before anything is created.
-    if let Err(e) = netsetup::validate_vm_id(&id) {
-        return Err(OpError {
-            kind: ErrorKind::BadRequest,
-            message: format!("invalid VM id {id:?}: {e}"),
-            fields: vec![FieldError {
-                path: "id".into(),
-                reason: e.to_string(),
-            }],
-        });
-    }
+    check_id(&id)?;
     let record = d.with_store(|s| s.get_manifest(manifest_name))?;
     let manifest = record.manifest;
     // Checked before anything is created: a manifest whose kernel went away creates nothing.
@@ -874,6 +876,7 @@ pub fn destroy(d: &Daemon, id: &str) -> Result<(), OpError> {
     super::forward::stop(d, id);
     teardown(d, id);
     d.with_store(|s| s.destroy_vm(id))?;
+    d.forget_activity(id);
     d.record_latency(false, started.elapsed().as_secs_f64());
     Ok(())
 }
